@@ -1,0 +1,347 @@
+"""AMQP events -> PRODUCER and CONSUMER spans.
+
+A publish is a PRODUCER span from its method frame to its last body frame, or
+to the broker's confirm in confirm mode (a nack or a Basic.Return makes it an
+error). A delivery (Basic.Deliver) or fetch (Basic.Get-Ok) is a CONSUMER span
+from receipt to settlement (ack/nack/reject, ``multiple`` honoured, matched by
+connection, channel and delivery tag); with no-ack it ends on receipt. A
+consumer span is a child of the span named by the message's traceparent (the
+one sniff injected at publish, or the application's) and also carries a span
+link to it, as the OpenTelemetry messaging conventions ask, so it lands in the
+producer's trace.
+
+RPC: a reply published to the default exchange with the routing key and
+correlation_id of a request's ``reply_to``/``correlation_id`` becomes a child of
+that request's consumer span (decided live by the decoder when both went
+through one proxy, or here offline), and its wire trace is aliased to the
+request's trace so the caller's consumer span follows.
+
+Names and kinds follow opentelemetry-instrumentation-aio-pika/pika
+(``"<destination> send"`` PRODUCER, ``"<destination> receive"`` CONSUMER);
+attributes follow the current messaging conventions (exporters.semconv).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+from correlate.model import Link, Span, SpanEvent
+from exporters import semconv as sc
+from proxies.amqp.events import (
+    AmqpConfirm,
+    AmqpDeliver,
+    AmqpGetOk,
+    AmqpMethod,
+    AmqpPublish,
+    AmqpReturn,
+    AmqpSettle,
+)
+from sniff.events import Event
+from sniff.ids import parse_traceparent
+
+if TYPE_CHECKING:
+    from correlate.engine import Correlator
+    from correlate.identity import ConnInfo
+
+MANDATORY_GRACE_NS = 2 * 10**9  # how long an unconfirmed mandatory publish waits for a Return
+_CHANNEL_CLOSE = ("Channel.Close", "Channel.CloseOk")
+
+
+def destination(exchange: str, routing_key: str) -> str:
+    ex = exchange or "amq.default"
+    return f"{ex}:{routing_key}" if routing_key else ex
+
+
+class AmqpSpans:
+    def __init__(self, engine: Correlator) -> None:
+        self.e = engine
+        # (conn, channel) -> delivery tag -> consumer span awaiting settlement
+        self.unsettled: dict[tuple[int, int], OrderedDict[int, Span]] = {}
+        # (conn, channel) -> confirm seq -> producer span awaiting the broker's confirm
+        self.unconfirmed: dict[tuple[int, int], OrderedDict[int, Span]] = {}
+        # producer spans that may still be returned, by the span id the message carries
+        self.returnable: dict[str, Span] = {}
+        self.mandatory_wait: OrderedDict[str, int] = OrderedDict()  # wire span id -> deadline
+        # (reply_to, correlation_id) -> (trace id, consumer span id, ts) for offline RPC pairing
+        self.rpc: OrderedDict[tuple[str, str], tuple[str, str, int]] = OrderedDict()
+
+    # --- dispatch ------------------------------------------------------------------------
+
+    def feed(self, ev: Event) -> None:
+        if isinstance(ev, AmqpPublish):
+            self._publish(ev)
+        elif isinstance(ev, AmqpDeliver | AmqpGetOk):
+            self._incoming(ev)
+        elif isinstance(ev, AmqpSettle):
+            self._settle(ev)
+        elif isinstance(ev, AmqpConfirm):
+            self._confirm(ev)
+        elif isinstance(ev, AmqpReturn):
+            self._returned(ev)
+        elif isinstance(ev, AmqpMethod) and ev.method in _CHANNEL_CLOSE:
+            code = ev.args.get("reply_code")
+            text = ev.args.get("reply_text")
+            why = f"channel closed ({code} {text})" if code and code != 200 else "channel closed"
+            self._end_pending(lambda k: k == (ev.conn, ev.channel), ev.ts, why)
+
+    # --- producers -----------------------------------------------------------------------
+
+    def _common(self, info: ConnInfo | None, ev: Any) -> dict[str, Any]:
+        a: dict[str, Any] = {
+            sc.MESSAGING_SYSTEM: "rabbitmq",
+            sc.MESSAGING_DESTINATION_NAME: destination(ev.exchange, ev.routing_key),
+            sc.MESSAGING_RABBITMQ_ROUTING_KEY: ev.routing_key,
+            sc.MESSAGING_BODY_SIZE: ev.body_size,
+            sc.SNIFF_CONN: ev.conn,
+        }
+        props = ev.properties
+        if props.get("message_id"):
+            a[sc.MESSAGING_MESSAGE_ID] = props["message_id"]
+        if props.get("correlation_id"):
+            a[sc.MESSAGING_CONVERSATION_ID] = props["correlation_id"]
+        if info is not None:
+            a[sc.SERVER_ADDRESS] = info.server_addr
+            a[sc.SERVER_PORT] = info.server_port
+            a[sc.NETWORK_PEER_ADDRESS] = info.server_addr
+            a[sc.NETWORK_PEER_PORT] = info.server_port
+            a[sc.CLIENT_ADDRESS] = info.client_addr
+            a[sc.CLIENT_PORT] = info.client_port
+            a[sc.PEER_SERVICE] = info.proxy
+            cp = info.identity.get("amqp.client_properties")
+            if cp and cp.get("connection_name"):
+                a[sc.MESSAGING_CLIENT_ID] = cp["connection_name"]
+        for k in ("reply_to", "type", "app_id", "content_type"):
+            v = props.get(k)
+            if v:
+                a[f"messaging.rabbitmq.message.{k}"] = v
+        return a
+
+    def _publish(self, ev: AmqpPublish) -> None:
+        info = self.e.conn(ev.conn)
+        service, resource = self.e.service(info)
+        attrs = self._common(info, ev)
+        attrs[sc.MESSAGING_OPERATION_TYPE] = "send"
+        attrs[sc.MESSAGING_OPERATION_NAME] = "publish"
+        attrs[sc.SNIFF_INJECTED] = ev.injected
+        if ev.inject_note:
+            attrs[sc.SNIFF_INJECT_NOTE] = ev.inject_note
+        if ev.tx:
+            attrs["sniff.amqp.tx"] = True
+        parent = ev.parent_span_id
+        method = "none"
+        if ev.rpc_reply_to:
+            method = "paired"
+        elif parent is not None:
+            method = "propagated"
+        else:
+            corr = ev.properties.get("correlation_id")
+            if ev.exchange == "" and corr:
+                req = self.rpc.pop((ev.routing_key, corr), None)
+                if req is not None:
+                    parent = req[1]
+                    self.e.alias(ev.trace_id, req[0])
+                    method = "paired"
+        if parent is not None:
+            attrs[sc.SNIFF_CORRELATION_METHOD] = method
+            attrs[sc.SNIFF_CORRELATION_CONFIDENCE] = 1.0
+        span = Span(
+            ev.trace_id,
+            ev.span_id,
+            parent,
+            f"{destination(ev.exchange, ev.routing_key)} send",
+            "PRODUCER",
+            ev.ts,
+            ev.ts_end,
+            service,
+            attrs,
+            resource,
+            conn=ev.conn,
+        )
+        wire = parse_traceparent(ev.traceparent)
+        wire_span = wire[1] if wire else ev.span_id
+        if ev.confirm_seq is not None:
+            self.unconfirmed.setdefault((ev.conn, ev.channel), OrderedDict())[ev.confirm_seq] = span
+            if ev.mandatory:
+                self.returnable[wire_span] = span
+        elif ev.mandatory:
+            self.returnable[wire_span] = span
+            self.mandatory_wait[wire_span] = ev.ts_end + MANDATORY_GRACE_NS
+        else:
+            self.e.emit(span)
+
+    def _confirm(self, ev: AmqpConfirm) -> None:
+        pending = self.unconfirmed.get((ev.conn, ev.channel))
+        if not pending:
+            return
+        for seq in _take(pending, ev.delivery_tag, ev.multiple):
+            span = pending.pop(seq)
+            span.end = max(span.end, ev.ts)
+            span.events.append(SpanEvent(ev.ts, "confirmed" if ev.ack else "nacked by broker"))
+            if not ev.ack:
+                span.status = "ERROR"
+                span.status_message = "the broker nacked the publish"
+                span.attrs[sc.ERROR_TYPE] = "nack"
+            self._release_returnable(span)
+            self.e.emit(span)
+
+    def _returned(self, ev: AmqpReturn) -> None:
+        wire = parse_traceparent(ev.traceparent)
+        if wire is None:
+            return
+        span = self.returnable.get(wire[1])
+        if span is None:
+            return
+        span.status = "ERROR"
+        span.status_message = f"returned by the broker: {ev.reply_code} {ev.reply_text}"
+        span.attrs[sc.ERROR_TYPE] = str(ev.reply_text or ev.reply_code)
+        span.events.append(SpanEvent(ev.ts, "returned", {"reply_code": ev.reply_code}))
+        if wire[1] in self.mandatory_wait:  # not in confirm mode: the return settles it
+            del self.mandatory_wait[wire[1]]
+            del self.returnable[wire[1]]
+            span.end = max(span.end, ev.ts)
+            self.e.emit(span)
+
+    def _release_returnable(self, span: Span) -> None:
+        if self.returnable:
+            for k, v in list(self.returnable.items()):
+                if v is span:
+                    del self.returnable[k]
+                    self.mandatory_wait.pop(k, None)
+                    break
+
+    # --- consumers -----------------------------------------------------------------------
+
+    def _incoming(self, ev: AmqpDeliver | AmqpGetOk) -> None:
+        info = self.e.conn(ev.conn)
+        service, resource = self.e.service(info)
+        attrs = self._common(info, ev)
+        is_get = isinstance(ev, AmqpGetOk)
+        attrs[sc.MESSAGING_OPERATION_TYPE] = "receive" if is_get else "process"
+        attrs[sc.MESSAGING_OPERATION_NAME] = "get" if is_get else "deliver"
+        attrs[sc.MESSAGING_RABBITMQ_DELIVERY_TAG] = ev.delivery_tag
+        if ev.queue:
+            attrs[sc.MESSAGING_DESTINATION_SUBSCRIPTION_NAME] = ev.queue
+        if ev.redelivered:
+            attrs["sniff.amqp.redelivered"] = True
+        if ev.no_ack:
+            attrs["sniff.amqp.no_ack"] = True
+        wire = parse_traceparent(ev.traceparent)
+        parent = None
+        links = []
+        if wire is not None:
+            parent = wire[1]
+            links.append(Link(wire[0], wire[1], {"messaging.operation.type": "send"}))
+            attrs[sc.SNIFF_CORRELATION_METHOD] = "propagated"
+            attrs[sc.SNIFF_CORRELATION_CONFIDENCE] = 1.0
+        span = Span(
+            ev.trace_id,
+            ev.span_id,
+            parent,
+            f"{destination(ev.exchange, ev.routing_key)} receive",
+            "CONSUMER",
+            ev.ts,
+            ev.ts_end,
+            service,
+            attrs,
+            resource,
+            links=links,
+            conn=ev.conn,
+        )
+        reply_to = ev.properties.get("reply_to")
+        corr = ev.properties.get("correlation_id")
+        if reply_to and corr:
+            self.rpc[(reply_to, corr)] = (ev.trace_id, ev.span_id, ev.ts)
+        if ev.no_ack:
+            self.e.emit(span)
+        else:
+            self.unsettled.setdefault((ev.conn, ev.channel), OrderedDict())[ev.delivery_tag] = span
+
+    def _settle(self, ev: AmqpSettle) -> None:
+        pending = self.unsettled.get((ev.conn, ev.channel))
+        if not pending:
+            return
+        for tag in _take(pending, ev.delivery_tag, ev.multiple):
+            span = pending.pop(tag)
+            span.end = max(span.end, ev.ts)
+            span.attrs["sniff.amqp.settlement"] = ev.op
+            if ev.requeue is not None:
+                span.attrs["sniff.amqp.requeue"] = ev.requeue
+            if ev.op != "ack":
+                span.status = "ERROR"
+                span.status_message = f"{ev.op}{' with requeue' if ev.requeue else ''}"
+                span.attrs[sc.ERROR_TYPE] = ev.op
+            self.e.emit(span)
+
+    # --- endings -------------------------------------------------------------------------
+
+    def _end_pending(self, match: Any, ts: int, why: str, incomplete: bool = False) -> None:
+        for table, what in ((self.unsettled, "settled"), (self.unconfirmed, "confirmed")):
+            for key in [k for k in table if match(k)]:
+                for span in table.pop(key).values():
+                    span.end = max(span.end, ts)
+                    span.status = "ERROR"
+                    span.status_message = f"{why} before the message was {what}"
+                    if incomplete:
+                        span.attrs[sc.SNIFF_INCOMPLETE] = True
+                    self._release_returnable(span)
+                    self.e.emit(span)
+
+    def conn_closed(self, info: ConnInfo, ts: int, reason: str) -> None:
+        self._end_pending(lambda k: k[0] == info.conn, ts, f"connection closed ({reason})")
+        for wire_span, span in list(self.returnable.items()):
+            if span.conn == info.conn:
+                del self.returnable[wire_span]
+                self.mandatory_wait.pop(wire_span, None)
+                self.e.emit(span)
+
+    def expire(self, now: int) -> None:
+        while self.mandatory_wait:
+            wire_span, deadline = next(iter(self.mandatory_wait.items()))
+            if deadline > now:
+                break
+            del self.mandatory_wait[wire_span]
+            span = self.returnable.pop(wire_span, None)
+            if span is not None:
+                self.e.emit(span)
+        limit = now - self.e.ttl_ns
+        for table in (self.unsettled, self.unconfirmed):
+            for key in list(table):
+                od = table[key]
+                while od:
+                    k, span = next(iter(od.items()))
+                    if span.start >= limit:
+                        break
+                    del od[k]
+                    span.attrs[sc.SNIFF_INCOMPLETE] = True
+                    span.status_message = "no settlement seen within the correlator's TTL"
+                    self.e.expired()
+                    self.e.emit(span)
+                if not od:
+                    del table[key]
+        while self.rpc:
+            k, v = next(iter(self.rpc.items()))
+            if v[2] >= limit:
+                break
+            del self.rpc[k]
+
+    def flush(self, now: int) -> None:
+        self._end_pending(lambda k: True, now, "capture ended", incomplete=True)
+        for span in self.returnable.values():
+            self.e.emit(span)
+        self.returnable.clear()
+        self.mandatory_wait.clear()
+
+
+def _take(pending: OrderedDict[int, Span], tag: int, multiple: bool) -> list[int]:
+    """The tags a settlement or confirm covers: one, or all up to ``tag`` (0 = all)."""
+    if not multiple:
+        return [tag] if tag in pending else []
+    if tag == 0:
+        return list(pending)
+    out = []
+    for k in pending:
+        if k > tag:
+            break
+        out.append(k)
+    return out

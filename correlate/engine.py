@@ -1,0 +1,210 @@
+"""The correlator engine: events in, finished spans out.
+
+Strategy. The engine is a pure state machine over a time-ordered event stream:
+no I/O, no wall clock. Time is the events' own timestamps (``now`` is the
+latest ``ts`` seen), so a capture replayed offline gives exactly the spans
+``sniff run`` exported live. It keeps the connection table (who is at each end,
+what the client said about itself) and hands each protocol's events to that
+protocol's span builder (``correlate/amqp.py``, ``sql.py``, ``http.py``), which
+pairs requests with responses on a connection and turns them into spans.
+
+In-flight state is bounded: builders expire entries older than ``ttl_ns``
+(counted in ``stats``) and closed connections are forgotten after the TTL.
+
+Trace ids seen on the wire can be *aliased* to another trace (``alias``), so
+that when pairing proves two wire traces are one causal path, spans finished
+afterwards carry the canonical trace id.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from correlate.identity import ConnInfo, ServiceMap, resolve_service
+from correlate.model import Span
+from sniff.events import ConnClose, ConnIdentity, ConnOpen, Event
+
+log = logging.getLogger("sniff.correlate")
+
+DEFAULT_TTL_NS = 10 * 60 * 10**9
+_EXPIRE_EVERY_NS = 1 * 10**9
+
+# protocol prefix of an event kind -> "module:Class" of its span builder
+BUILDERS = {
+    "amqp": "correlate.amqp:AmqpSpans",
+    "mysql": "correlate.sql:SqlSpans",
+    "postgres": "correlate.sql:SqlSpans",
+    "http": "correlate.http:HttpSpans",
+}
+
+
+class SpanBuilder(Protocol):
+    def feed(self, ev: Event) -> None: ...
+    def conn_closed(self, info: ConnInfo, ts: int, reason: str) -> None: ...
+    def expire(self, now: int) -> None: ...
+    def flush(self, now: int) -> None: ...
+
+
+class Correlator:
+    def __init__(
+        self,
+        services: dict[str, str] | None = None,
+        ttl_ns: int = DEFAULT_TTL_NS,
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        self.services = ServiceMap(services)
+        self.ttl_ns = ttl_ns
+        self.options = dict(options or {})
+        self.conns: dict[int, ConnInfo] = {}
+        self._closed: dict[int, int] = {}  # conn -> close ts, for delayed eviction
+        self._builders: dict[str, SpanBuilder | None] = {}
+        self._out: list[Span] = []
+        self._aliases: dict[str, str] = {}
+        self.now = 0
+        self._next_expire = 0
+        self.stats: dict[str, int] = {"events": 0, "spans": 0, "expired": 0, "unknown_conn": 0}
+
+    # --- inputs --------------------------------------------------------------------------
+
+    def feed(self, ev: Event) -> list[Span]:
+        """Process one event; return the spans it finished."""
+        self._feed(ev)
+        return self._take()
+
+    def feed_many(self, events: Iterable[Event]) -> list[Span]:
+        for ev in events:
+            self._feed(ev)
+        return self._take()
+
+    def tick(self, now: int) -> list[Span]:
+        """Advance the clock without an event (live mode): expire stale state."""
+        if now > self.now:
+            self.now = now
+        self._expire()
+        return self._take()
+
+    def finish(self) -> list[Span]:
+        """End of the stream: close every in-flight span as it stands."""
+        for b in self._builders.values():
+            if b is not None:
+                b.flush(self.now)
+        return self._take()
+
+    def _feed(self, ev: Event) -> None:
+        self.stats["events"] += 1
+        ts = ev.ts
+        if ts > self.now:
+            self.now = ts
+        if ts >= self._next_expire:
+            self._expire()
+        proto = ev.protocol
+        if proto == "core":
+            self._core(ev)
+            return
+        b = self._builders.get(proto, False)
+        if b is False:
+            b = self._load_builder(proto)
+        if b is not None:
+            b.feed(ev)  # type: ignore[union-attr]
+
+    def _load_builder(self, proto: str) -> SpanBuilder | None:
+        spec = BUILDERS.get(proto)
+        builder: SpanBuilder | None = None
+        if spec is not None:
+            mod_name, cls_name = spec.split(":")
+            try:
+                cls = getattr(importlib.import_module(mod_name), cls_name)
+                builder = cls(self)
+            except (ImportError, AttributeError):
+                log.debug("no span builder for %s events", proto)
+        self._builders[proto] = builder
+        return builder
+
+    def _core(self, ev: Event) -> None:
+        if isinstance(ev, ConnOpen):
+            self.conns[ev.conn] = ConnInfo(
+                ev.conn,
+                ev.proxy,
+                ev.protocol_name,
+                ev.client_addr,
+                ev.client_port,
+                ev.server_addr,
+                ev.server_port,
+                ev.ts,
+                peer_pid=ev.peer_pid,
+            )
+        elif isinstance(ev, ConnIdentity):
+            info = self.conns.get(ev.conn)
+            if info is not None:
+                info.identity[ev.source] = dict(ev.attrs)
+                info._service = None
+        elif isinstance(ev, ConnClose):
+            info = self.conns.get(ev.conn)
+            if info is None:
+                return
+            info.closed = ev.ts
+            self._closed[ev.conn] = ev.ts
+            proto = "postgres" if info.protocol == "postgres" else info.protocol
+            if proto == "https":
+                proto = "http"
+            b = self._builders.get(proto)
+            if b is not None:
+                b.conn_closed(info, ev.ts, ev.reason)
+
+    def _expire(self) -> None:
+        self._next_expire = self.now + _EXPIRE_EVERY_NS
+        for b in self._builders.values():
+            if b is not None:
+                b.expire(self.now)
+        limit = self.now - self.ttl_ns
+        if self._closed:
+            gone = [c for c, ts in self._closed.items() if ts < limit]
+            for c in gone:
+                del self._closed[c]
+                self.conns.pop(c, None)
+
+    # --- for builders --------------------------------------------------------------------
+
+    def conn(self, conn: int) -> ConnInfo | None:
+        info = self.conns.get(conn)
+        if info is None:
+            self.stats["unknown_conn"] += 1
+        return info
+
+    def service(self, info: ConnInfo | None) -> tuple[str, dict[str, Any]]:
+        """The client component of a connection: (service.name, resource attributes)."""
+        if info is None:
+            return "unknown", {"service.name": "unknown"}
+        name = resolve_service(info, self.services)
+        return name, info.resource(name)
+
+    def alias(self, wire_trace: str, canonical: str) -> None:
+        if wire_trace != canonical:
+            self._aliases[wire_trace] = self.trace(canonical)
+
+    def trace(self, trace_id: str) -> str:
+        seen = 0
+        while trace_id in self._aliases and seen < 8:
+            trace_id = self._aliases[trace_id]
+            seen += 1
+        return trace_id
+
+    def emit(self, span: Span) -> None:
+        if self._aliases:
+            span.trace_id = self.trace(span.trace_id)
+            for link in span.links:
+                link.trace_id = self.trace(link.trace_id)
+        self._out.append(span)
+
+    def expired(self, n: int = 1) -> None:
+        self.stats["expired"] += n
+
+    def _take(self) -> list[Span]:
+        out = self._out
+        if out:
+            self._out = []
+            self.stats["spans"] += len(out)
+        return out

@@ -1,0 +1,74 @@
+"""Correlating a capture file: the live correlator, fed from SQLite in time order."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from correlate.engine import Correlator
+from correlate.identity import ConnInfo, ServiceMap, resolve_service
+from correlate.model import Span
+from sniff.events import ConnIdentity, ConnOpen
+from sniff.store import CaptureReader
+
+
+def iter_spans(
+    reader: CaptureReader,
+    services: dict[str, str] | None = None,
+    options: dict[str, Any] | None = None,
+    since_ns: int | None = None,
+    until_ns: int | None = None,
+    batch: int = 5000,
+) -> Iterator[list[Span]]:
+    """Yield finished spans in batches while streaming the capture's events."""
+    corr = Correlator(services=services, options=options)
+    pending: list[Span] = []
+    for ev in reader.events():
+        pending.extend(corr.feed(ev))
+        if len(pending) >= batch:
+            yield _window(pending, since_ns, until_ns)
+            pending = []
+    pending.extend(corr.finish())
+    if pending:
+        yield _window(pending, since_ns, until_ns)
+
+
+def _window(spans: list[Span], since: int | None, until: int | None) -> list[Span]:
+    if since is None and until is None:
+        return spans
+    return [
+        s
+        for s in spans
+        if (since is None or s.start >= since) and (until is None or s.start <= until)
+    ]
+
+
+def all_spans(reader: CaptureReader, **kw: Any) -> list[Span]:
+    out: list[Span] = []
+    for b in iter_spans(reader, **kw):
+        out.extend(b)
+    return out
+
+
+def conn_services(
+    reader: CaptureReader, services: dict[str, str] | None = None
+) -> dict[int, tuple[str, ConnInfo]]:
+    """conn id -> (service name, ConnInfo) for every connection in the capture."""
+    smap = ServiceMap(services)
+    infos: dict[int, ConnInfo] = {}
+    for ev in reader.events(kinds=["core.conn_open", "core.identity"]):
+        if isinstance(ev, ConnOpen):
+            infos[ev.conn] = ConnInfo(
+                ev.conn,
+                ev.proxy,
+                ev.protocol_name,
+                ev.client_addr,
+                ev.client_port,
+                ev.server_addr,
+                ev.server_port,
+                ev.ts,
+                peer_pid=ev.peer_pid,
+            )
+        elif isinstance(ev, ConnIdentity) and ev.conn in infos:
+            infos[ev.conn].identity[ev.source] = dict(ev.attrs)
+    return {c: (resolve_service(i, smap), i) for c, i in infos.items()}

@@ -1,0 +1,1 @@
+"""Protocol proxies: one subpackage per protocol (see sniff.registry for the plugin contract)."""

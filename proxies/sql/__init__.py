@@ -1,0 +1,1 @@
+"""sql: not implemented yet."""

@@ -1,0 +1,3 @@
+from sniff.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,598 @@
+"""The TCP relay: bytes both ways, a protocol handler watching (and rarely editing).
+
+Strategy. One :class:`RelayConnection` per accepted client, built on asyncio
+``Protocol`` callbacks rather than streams: no task or await per chunk, so the
+relay costs a few method calls per ``recv``. For each direction the protocol
+handler says whether it *rewrites* (its return value is what gets forwarded,
+used only where a deliberate tag may be added) or only *observes* (the chunk is
+written to the other side first, then the handler decodes it). Everything else
+is the plain relay:
+
+- backpressure: when one side's write buffer passes the high-water mark, reading
+  from the other side pauses until it drains;
+- half-close: an EOF from one side is passed on with ``write_eof`` and the other
+  direction keeps flowing until it ends too;
+- an upstream that refuses, times out or dies closes the client promptly, with a
+  logged reason and an :class:`~sniff.events.UpstreamError` or ``ConnClose``;
+- a handler that raises is replaced by passthrough for that connection (a
+  ``ProtocolError`` event is recorded); the process never dies of one connection.
+
+Handlers are sans-IO objects; :class:`ConnContext` is all they can touch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import time
+from collections.abc import Callable
+from typing import Protocol as TypingProtocol
+
+from sniff.config import Address, ProxyConfig
+from sniff.events import (
+    ConnClose,
+    ConnOpen,
+    Event,
+    ProtocolError,
+    ProxyStart,
+    ProxyStop,
+    UpstreamError,
+    new_conn_id,
+)
+
+log = logging.getLogger("sniff.relay")
+
+WRITE_HIGH_WATER = 1024 * 1024
+WRITE_LOW_WATER = 256 * 1024
+
+
+class EventSink(TypingProtocol):
+    def emit(self, ev: Event) -> None: ...
+
+
+class Handler:
+    """Per-connection protocol logic. The base class is pure passthrough.
+
+    ``c2s``/``s2c`` get every chunk in order. When ``rewrite_c2s`` (``rewrite_s2c``)
+    is true the return value is forwarded instead of the chunk (it may hold back a
+    partial frame and return it later); otherwise the chunk was already forwarded
+    and the return value is ignored. The flags are read on every chunk, so a
+    handler may switch them (e.g. to passthrough after a protocol error).
+    ``flush_c2s``/``flush_s2c`` return any held-back bytes at EOF or on failure.
+    """
+
+    rewrite_c2s: bool = False
+    rewrite_s2c: bool = False
+    observe: bool = False  # False: the relay never calls c2s/s2c (pure passthrough)
+
+    def __init__(self, ctx: ConnContext) -> None:
+        self.ctx = ctx
+
+    def c2s(self, data: bytes) -> bytes:
+        return data
+
+    def s2c(self, data: bytes) -> bytes:
+        return data
+
+    def flush_c2s(self) -> bytes:
+        return b""
+
+    def flush_s2c(self) -> bytes:
+        return b""
+
+    def closed(self, reason: str) -> None:
+        """The connection ended (either side); finish any in-flight state."""
+
+
+HandlerFactory = Callable[["ConnContext"], Handler]
+
+
+class ConnContext:
+    """What a handler may see and do: identity, events, side channels, close."""
+
+    __slots__ = ("_relay", "client", "conn_id", "listen", "proxy", "server", "sink")
+
+    def __init__(
+        self,
+        relay: RelayConnection,
+        conn_id: int,
+        proxy: ProxyConfig,
+        client: tuple[str, int],
+        server: tuple[str, int],
+        listen: tuple[str, int],
+        sink: EventSink,
+    ) -> None:
+        self._relay = relay
+        self.conn_id = conn_id
+        self.proxy = proxy
+        self.client = client
+        self.server = server
+        self.listen = listen
+        self.sink = sink
+
+    def emit(self, ev: Event) -> None:
+        self.sink.emit(ev)
+
+    def send_to_client(self, data: bytes) -> None:
+        self._relay.write_client(data)
+
+    def send_to_server(self, data: bytes) -> None:
+        self._relay.write_server(data)
+
+    def close(self, reason: str) -> None:
+        """Close both sides after flushing what is already queued."""
+        self._relay.close(reason, by="proxy")
+
+
+class _Side(asyncio.Protocol):
+    """One socket of a relayed connection; all logic lives in RelayConnection."""
+
+    __slots__ = ("conn", "is_client")
+
+    def __init__(self, conn: RelayConnection, is_client: bool) -> None:
+        self.conn = conn
+        self.is_client = is_client
+
+    def data_received(self, data: bytes) -> None:
+        if self.is_client:
+            self.conn.from_client(data)
+        else:
+            self.conn.from_server(data)
+
+    def eof_received(self) -> bool:
+        return self.conn.eof(self.is_client)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.lost(self.is_client, exc)
+
+    def pause_writing(self) -> None:
+        self.conn.pause_other(self.is_client)
+
+    def resume_writing(self) -> None:
+        self.conn.resume_other(self.is_client)
+
+
+class RelayConnection:
+    __slots__ = (
+        "_early",
+        "_paused_by_c",
+        "_paused_by_s",
+        "c_eof",
+        "c_t",
+        "closed",
+        "ctx",
+        "handler",
+        "listener",
+        "n_c2s",
+        "n_s2c",
+        "s_eof",
+        "s_t",
+        "started",
+    )
+
+    def __init__(self, listener: RelayListener) -> None:
+        self.listener = listener
+        self.c_t: asyncio.Transport | None = None
+        self.s_t: asyncio.Transport | None = None
+        self.handler: Handler | None = None
+        self.ctx: ConnContext | None = None
+        self._early: list[bytes] = []
+        self.n_c2s = 0
+        self.n_s2c = 0
+        self.c_eof = False
+        self.s_eof = False
+        self.closed = False
+        self.started = time.monotonic()
+        self._paused_by_c = False
+        self._paused_by_s = False
+
+    # --- client accepted -----------------------------------------------------------------
+
+    def accepted(self, transport: asyncio.Transport) -> None:
+        self.c_t = transport
+        transport.pause_reading()
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        self.listener.conns.add(self)
+        asyncio.get_running_loop().create_task(self._connect_upstream())
+
+    async def _connect_upstream(self) -> None:
+        lst = self.listener
+        cfg = lst.cfg
+        assert self.c_t is not None
+        peer = self.c_t.get_extra_info("peername") or ("?", 0)
+        client = (str(peer[0]), int(peer[1]))
+        loop = asyncio.get_running_loop()
+        s_side = _Side(self, False)
+        try:
+            transport, _ = await asyncio.wait_for(
+                loop.create_connection(lambda: s_side, cfg.upstream.host, cfg.upstream.port),
+                timeout=cfg.connect_timeout,
+            )
+        except (OSError, TimeoutError) as e:
+            reason = _describe_connect_error(e, cfg.upstream, cfg.connect_timeout)
+            log.warning(
+                "%s: upstream %s unreachable (%s); closing client %s:%s",
+                cfg.name,
+                cfg.upstream,
+                reason,
+                client[0],
+                client[1],
+            )
+            lst.sink.emit(
+                UpstreamError(
+                    time.time_ns(), 0, cfg.name, str(cfg.upstream), client[0], client[1], reason
+                )
+            )
+            self.closed = True
+            lst.conns.discard(self)
+            if self.c_t is not None:
+                self.c_t.close()
+            return
+        if self.closed:  # the client gave up while we were connecting
+            transport.close()
+            return
+        self.s_t = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)  # type: ignore[attr-defined]
+        conn_id = new_conn_id()
+        sock = self.c_t.get_extra_info("sockname") or (cfg.listen.host, cfg.listen.port)
+        srv = transport.get_extra_info("peername") or (cfg.upstream.host, cfg.upstream.port)
+        self.ctx = ConnContext(
+            self,
+            conn_id,
+            cfg,
+            client,
+            (str(srv[0]), int(srv[1])),
+            (str(sock[0]), int(sock[1])),
+            lst.sink,
+        )
+        lst.sink.emit(
+            ConnOpen(
+                time.time_ns(),
+                conn_id,
+                cfg.name,
+                cfg.protocol,
+                client[0],
+                client[1],
+                str(srv[0]),
+                int(srv[1]),
+                str(sock[0]),
+                int(sock[1]),
+            )
+        )
+        lst.total += 1
+        try:
+            self.handler = lst.handler_factory(self.ctx)
+        except Exception as e:  # a handler that cannot start: relay plainly
+            log.exception("%s: handler failed to start; passthrough", cfg.name)
+            self._record_failure("setup", e)
+            self.handler = Handler(self.ctx)
+        early, self._early = self._early, []
+        for chunk in early:
+            self.from_client(chunk)
+        if self.c_eof:
+            self.eof(True)
+        elif not self.closed:
+            self.c_t.resume_reading()
+
+    # --- data ----------------------------------------------------------------------------
+
+    def from_client(self, data: bytes) -> None:
+        h = self.handler
+        s_t = self.s_t
+        if h is None or s_t is None:
+            self._early.append(data)
+            return
+        self.n_c2s += len(data)
+        if not h.observe:
+            s_t.write(data)
+        elif h.rewrite_c2s:
+            try:
+                out = h.c2s(data)
+            except Exception as e:
+                out = self._handler_failed("c2s", e) + data
+            if out:
+                s_t.write(out)
+        else:
+            s_t.write(data)
+            try:
+                h.c2s(data)
+            except Exception as e:
+                self._handler_failed("c2s", e)
+
+    def from_server(self, data: bytes) -> None:
+        h = self.handler
+        c_t = self.c_t
+        if h is None or c_t is None:
+            return
+        self.n_s2c += len(data)
+        if not h.observe:
+            c_t.write(data)
+        elif h.rewrite_s2c:
+            try:
+                out = h.s2c(data)
+            except Exception as e:
+                out = self._handler_failed("s2c", e) + data
+            if out:
+                c_t.write(out)
+        else:
+            c_t.write(data)
+            try:
+                h.s2c(data)
+            except Exception as e:
+                self._handler_failed("s2c", e)
+
+    def write_client(self, data: bytes) -> None:
+        if self.c_t is not None and not self.c_t.is_closing():
+            self.c_t.write(data)
+
+    def write_server(self, data: bytes) -> None:
+        if self.s_t is not None and not self.s_t.is_closing():
+            self.s_t.write(data)
+
+    def _handler_failed(self, direction: str, exc: BaseException) -> bytes:
+        """A handler bug: record it, flush what it held back, and go passthrough."""
+        h = self.handler
+        held = b""
+        if h is not None:
+            try:
+                held = h.flush_c2s() if direction == "c2s" else h.flush_s2c()
+            except Exception:
+                held = b""
+            if direction == "c2s":
+                other = self._safe_flush(h.flush_s2c)
+                if other:
+                    self.write_client(other)
+            else:
+                other = self._safe_flush(h.flush_c2s)
+                if other:
+                    self.write_server(other)
+        log.exception(
+            "%s: connection %s handler failed; passthrough from now on",
+            self.listener.cfg.name,
+            self.ctx.conn_id if self.ctx else "?",
+            exc_info=exc,
+        )
+        self._record_failure(direction, exc)
+        assert self.ctx is not None
+        self.handler = Handler(self.ctx)
+        return held
+
+    @staticmethod
+    def _safe_flush(fn: Callable[[], bytes]) -> bytes:
+        try:
+            return fn()
+        except Exception:
+            return b""
+
+    def _record_failure(self, direction: str, exc: BaseException) -> None:
+        ctx = self.ctx
+        self.listener.sink.emit(
+            ProtocolError(
+                time.time_ns(),
+                ctx.conn_id if ctx else 0,
+                self.listener.cfg.protocol,
+                direction,
+                self.n_c2s if direction == "c2s" else self.n_s2c,
+                f"internal decoder error: {type(exc).__name__}: {exc}",
+                "",
+            )
+        )
+
+    # --- flow control --------------------------------------------------------------------
+
+    def pause_other(self, is_client: bool) -> None:
+        # is_client: the client's write buffer is full -> stop reading from the server
+        t = self.s_t if is_client else self.c_t
+        if t is not None and not t.is_closing():
+            t.pause_reading()
+            if is_client:
+                self._paused_by_c = True
+            else:
+                self._paused_by_s = True
+
+    def resume_other(self, is_client: bool) -> None:
+        t = self.s_t if is_client else self.c_t
+        if t is not None and not t.is_closing():
+            if is_client and self._paused_by_c:
+                self._paused_by_c = False
+                if not self.s_eof:
+                    t.resume_reading()
+            elif not is_client and self._paused_by_s:
+                self._paused_by_s = False
+                if not self.c_eof:
+                    t.resume_reading()
+
+    # --- endings -------------------------------------------------------------------------
+
+    def eof(self, is_client: bool) -> bool:
+        """Half-close: pass the EOF on; close once both directions have ended."""
+        if is_client:
+            self.c_eof = True
+            if self.s_t is None:
+                return True  # still connecting; handled once connected
+            h = self.handler
+            if h is not None and h.observe and h.rewrite_c2s:
+                held = self._safe_flush(h.flush_c2s)
+                if held:
+                    self.write_server(held)
+            if self.s_t.can_write_eof() and not self.s_t.is_closing():
+                self.s_t.write_eof()
+        else:
+            self.s_eof = True
+            h = self.handler
+            if h is not None and h.observe and h.rewrite_s2c:
+                held = self._safe_flush(h.flush_s2c)
+                if held:
+                    self.write_client(held)
+            if self.c_t is not None and self.c_t.can_write_eof() and not self.c_t.is_closing():
+                self.c_t.write_eof()
+        if self.c_eof and self.s_eof:
+            self.close("both sides closed", by="client" if is_client else "server")
+            return False
+        return True
+
+    def lost(self, is_client: bool, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        if exc is None:
+            reason = "client closed" if is_client else "server closed"
+        else:
+            reason = f"{'client' if is_client else 'server'} connection lost: {exc}"
+        if not is_client and not self.s_eof and self.c_t is not None:
+            log.info(
+                "%s: upstream closed connection %s: %s",
+                self.listener.cfg.name,
+                self.ctx.conn_id if self.ctx else "?",
+                reason,
+            )
+        self.close(reason, by="client" if is_client else "server")
+
+    def close(self, reason: str, by: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.listener.conns.discard(self)
+        h = self.handler
+        if h is not None and h.observe:
+            # anything a rewriting handler still holds goes out unchanged
+            if h.rewrite_c2s:
+                held = self._safe_flush(h.flush_c2s)
+                if held:
+                    self.write_server(held)
+            if h.rewrite_s2c:
+                held = self._safe_flush(h.flush_s2c)
+                if held:
+                    self.write_client(held)
+            try:
+                h.closed(reason)
+            except Exception as e:
+                self._record_failure("close", e)
+        for t in (self.c_t, self.s_t):
+            if t is not None and not t.is_closing():
+                t.close()  # flushes the write buffer, then closes
+        if self.ctx is not None:
+            self.listener.sink.emit(
+                ConnClose(time.time_ns(), self.ctx.conn_id, reason, by, self.n_c2s, self.n_s2c)
+            )
+
+    def abort(self, reason: str) -> None:
+        self.close(reason, by="proxy")
+        for t in (self.c_t, self.s_t):
+            if t is not None:
+                t.abort()
+
+
+def _describe_connect_error(e: BaseException, upstream: Address, timeout: float) -> str:
+    if isinstance(e, TimeoutError | asyncio.TimeoutError):
+        return f"no answer within {timeout:g}s"
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, socket.gaierror):
+        return f"cannot resolve {upstream.host!r}: {e.strerror}"
+    if isinstance(e, OSError) and e.errno is not None:
+        return f"{errno.errorcode.get(e.errno, e.errno)}: {e.strerror}"
+    return str(e) or type(e).__name__
+
+
+class _Accept(asyncio.Protocol):
+    """The protocol object asyncio creates per accepted socket: hands over to RelayConnection."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, listener: RelayListener) -> None:
+        self.conn = RelayConnection(listener)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.conn.accepted(transport)  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.from_client(data)
+
+    def eof_received(self) -> bool:
+        return self.conn.eof(True)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.lost(True, exc)
+
+    def pause_writing(self) -> None:
+        self.conn.pause_other(True)
+
+    def resume_writing(self) -> None:
+        self.conn.resume_other(True)
+
+
+class Listener(TypingProtocol):
+    cfg: ProxyConfig
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+class ListenError(Exception):
+    """The listen address cannot be bound (in use, not local, no permission)."""
+
+
+class RelayListener:
+    """Accepts clients on ``cfg.listen`` and relays each to ``cfg.upstream``."""
+
+    def __init__(self, cfg: ProxyConfig, sink: EventSink, handler_factory: HandlerFactory) -> None:
+        self.cfg = cfg
+        self.sink = sink
+        self.handler_factory = handler_factory
+        self.conns: set[RelayConnection] = set()
+        self.server: asyncio.Server | None = None
+        self.total = 0
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self.server = await loop.create_server(
+                lambda: _Accept(self),
+                self.cfg.listen.host,
+                self.cfg.listen.port,
+                reuse_address=True,
+                backlog=1024,
+            )
+        except OSError as e:
+            raise ListenError(describe_listen_error(self.cfg, e)) from None
+        self.sink.emit(
+            ProxyStart(
+                time.time_ns(),
+                0,
+                self.cfg.name,
+                self.cfg.protocol,
+                str(self.cfg.listen),
+                str(self.cfg.upstream),
+                self.cfg.inject,
+            )
+        )
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for c in list(self.conns):
+            c.close("proxy shutting down", by="proxy")
+        if self.server is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.server.wait_closed(), 2.0)
+        self.sink.emit(ProxyStop(time.time_ns(), 0, self.cfg.name, self.total))
+
+
+def describe_listen_error(cfg: ProxyConfig, e: OSError) -> str:
+    if e.errno == errno.EADDRINUSE:
+        why = "address already in use (another process listens there; pick a free port)"
+    elif e.errno == errno.EADDRNOTAVAIL:
+        why = "address not available on this host"
+    elif e.errno == errno.EACCES:
+        why = "permission denied (ports below 1024 need privileges)"
+    else:
+        why = e.strerror or str(e)
+    return f"proxy {cfg.name!r}: cannot listen on {cfg.listen}: {why}"

@@ -1,0 +1,165 @@
+"""Shared test helpers: free ports, a real ``sniff run`` subprocess, TOML writing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def _toml_key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else _toml_value(k)
+
+
+def to_toml(cfg: dict[str, Any]) -> str:
+    """Enough TOML for sniff configs: scalars, tables, arrays of tables."""
+    lines: list[str] = []
+    tables: list[tuple[str, dict[str, Any]]] = []
+    arrays: list[tuple[str, list[dict[str, Any]]]] = []
+    for k, v in cfg.items():
+        if isinstance(v, dict) and k in ("export", "services", "correlate"):
+            tables.append((k, v))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            arrays.append((k, v))
+        else:
+            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+    for name, items in arrays:
+        for t in items:
+            lines.append(f"\n[[{name}]]")
+            lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in t.items())
+    for name, t in tables:
+        lines.append(f"\n[{name}]")
+        lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in t.items())
+    return "\n".join(lines) + "\n"
+
+
+class SniffProcess:
+    """``sniff run -c CONFIG`` as a real subprocess, stopped with SIGTERM."""
+
+    def __init__(self, tmp: Path, proxies: list[dict[str, Any]], **top: Any) -> None:
+        self.tmp = tmp
+        self.capture = str(tmp / f"capture-{os.getpid()}-{time.monotonic_ns()}.db")
+        self.proxies = []
+        for p in proxies:
+            p = dict(p)
+            p.setdefault("listen", f"127.0.0.1:{free_port()}")
+            self.proxies.append(p)
+        cfg: dict[str, Any] = {"capture": self.capture, "proxy": self.proxies}
+        cfg.update(top)
+        self.config_path = tmp / f"sniff-{time.monotonic_ns()}.toml"
+        self.config_path.write_text(to_toml(cfg))
+        self.proc: subprocess.Popen[str] | None = None
+        self.output: list[str] = []
+        self.returncode: int | None = None
+
+    def port(self, index: int = 0) -> int:
+        return int(self.proxies[index]["listen"].rsplit(":", 1)[1])
+
+    def start(self, timeout: float = 30.0) -> SniffProcess:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sniff", "run", "-c", str(self.config_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
+        ready = threading.Event()
+
+        def pump() -> None:
+            assert self.proc is not None and self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self.output.append(line)
+                if line.startswith("ready"):
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        if not ready.wait(timeout) or self.proc.poll() is not None:
+            self.stop()
+            raise RuntimeError("sniff did not start:\n" + "".join(self.output))
+        return self
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc is None:
+            return -1
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.returncode = self.proc.returncode
+        time.sleep(0.05)
+        return self.returncode
+
+    def text(self) -> str:
+        return "".join(self.output)
+
+    def reader(self):  # type: ignore[no-untyped-def]
+        from sniff.store import CaptureReader
+
+        return CaptureReader(self.capture)
+
+    def events(self, kind_prefix: str = "") -> list[Any]:
+        r = self.reader()
+        try:
+            return [e for e in r.events() if e.kind.startswith(kind_prefix)]
+        finally:
+            r.close()
+
+    def spans(self, **kw: Any) -> list[Any]:
+        from correlate.offline import all_spans
+
+        r = self.reader()
+        try:
+            return all_spans(r, **kw)
+        finally:
+            r.close()
+
+    def __enter__(self) -> SniffProcess:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
