@@ -63,7 +63,11 @@ def section(reader: CaptureReader, services: dict[int, str]) -> RenderableType |
         )
     cons: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
     for conn, kind, queue, ex, rk, n, total in ins:
-        key = (services.get(conn, "?"), queue or "?", "get" if kind == "amqp.get" else "deliver")
+        key = (
+            services.get(conn, "?"),
+            queue or _dest(ex, rk),
+            "get" if kind == "amqp.get" else "deliver",
+        )
         cons[key][0] += n
         cons[key][1] += total or 0
     t2 = Table(title="AMQP consumption (queue -> service)", title_justify="left")

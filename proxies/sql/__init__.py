@@ -1,1 +1,2 @@
-"""sql: not implemented yet."""
+"""What MySQL and PostgreSQL share: the statement event, statement analysis
+(operation, tables, normalised shape), the sqlcommenter tag, the stats section."""
