@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-PROTOCOLS = ("amqp", "mysql", "postgres", "http", "https")
+PROTOCOLS = ("amqp", "mysql", "postgres", "http", "https", "tcp")
 DEFAULT_NAMES = {
     "amqp": "rabbitmq",
     "mysql": "mysql",
     "postgres": "postgresql",
     "http": "http",
     "https": "https",
+    "tcp": "tcp",
 }
 DEFAULT_CAPTURE = "sniff-capture.db"
 

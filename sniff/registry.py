@@ -27,6 +27,7 @@ _MODULES = {
     "postgres": "proxies.postgres",
     "http": "proxies.http",
     "https": "proxies.http",
+    "tcp": "proxies.tcp",
 }
 
 

@@ -163,6 +163,7 @@ class RelayConnection:
         "c_eof",
         "c_t",
         "closed",
+        "first_eof",
         "ctx",
         "handler",
         "listener",
@@ -185,6 +186,7 @@ class RelayConnection:
         self.c_eof = False
         self.s_eof = False
         self.closed = False
+        self.first_eof: str | None = None
         self.started = time.monotonic()
         self._paused_by_c = False
         self._paused_by_s = False
@@ -409,6 +411,8 @@ class RelayConnection:
 
     def eof(self, is_client: bool) -> bool:
         """Half-close: pass the EOF on; close once both directions have ended."""
+        if self.first_eof is None:
+            self.first_eof = "client" if is_client else "server"
         if is_client:
             self.c_eof = True
             if self.s_t is None:
@@ -430,7 +434,9 @@ class RelayConnection:
             if self.c_t is not None and self.c_t.can_write_eof() and not self.c_t.is_closing():
                 self.c_t.write_eof()
         if self.c_eof and self.s_eof:
-            self.close("both sides closed", by="client" if is_client else "server")
+            self.close(
+                f"{self.first_eof} closed first, then the other side", by=self.first_eof or "client"
+            )
             return False
         return True
 
@@ -441,7 +447,9 @@ class RelayConnection:
             reason = "client closed" if is_client else "server closed"
         else:
             reason = f"{'client' if is_client else 'server'} connection lost: {exc}"
-        if not is_client and not self.s_eof and self.c_t is not None:
+        # a reset after the client already left is the normal end of many protocols
+        # (the server closed after its goodbye; our FIN met a closed socket)
+        if not is_client and not self.s_eof and not self.c_eof and self.c_t is not None:
             log.info(
                 "%s: upstream closed connection %s: %s",
                 self.listener.cfg.name,

@@ -163,3 +163,50 @@ class SniffProcess:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+class AsyncServer:
+    """An asyncio TCP server on 127.0.0.1:<free port> in a background thread.
+
+    ``handler(reader, writer)`` is a coroutine, as for ``asyncio.start_server``.
+    """
+
+    def __init__(self, handler: Any) -> None:
+        import asyncio
+
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self._handler = handler
+        self._ready = threading.Event()
+        self._server: Any = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import asyncio
+
+        async def main() -> None:
+            self._server = await asyncio.start_server(self._handler, "127.0.0.1", self.port)
+            self._ready.set()
+            async with self._server:
+                await self._server.serve_forever()
+
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(main())
+        except BaseException:
+            pass
+
+    def __enter__(self) -> AsyncServer:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        def stop() -> None:
+            if self._server is not None:
+                self._server.close()
+            for task in __import__("asyncio").all_tasks(self.loop):
+                task.cancel()
+
+        self.loop.call_soon_threadsafe(stop)
+        self._thread.join(5)

@@ -254,7 +254,7 @@ class AmqpDecoder:
     def feed_client(self, data: bytes) -> bytes:
         """Decode client bytes; return what to forward to the broker."""
         if self.passthrough:
-            if self.c.buf:
+            if self.c.buf:  # only ever non-empty here when injecting (bytes not yet sent)
                 data, self.c.buf = self.c.buf + data, b""
             return data
         return self._feed(self.c, data, self.inject)
@@ -267,11 +267,16 @@ class AmqpDecoder:
     def flush_client(self) -> bytes:
         """Release any held-back client bytes unchanged (EOF, shutdown)."""
         held, self.c.buf = self.c.buf, b""
-        return held
+        # without injection the client stream is only observed: held bytes were
+        # forwarded already and are kept for parsing only
+        return held if self.inject else b""
 
     # --- framing -------------------------------------------------------------------------
 
     def _feed(self, st: _Stream, data: bytes, rewrite: bool) -> bytes:
+        """Parse ``data`` (after any held bytes). When ``rewrite``, return the bytes
+        to forward now; otherwise return ``data`` itself (it was forwarded already)."""
+        chunk = data
         if st.buf:
             data = st.buf + data
             st.buf = b""
@@ -285,7 +290,7 @@ class AmqpDecoder:
                 if n < 8:
                     if PROTOCOL_HEADER.startswith(data[:n]):
                         st.buf = data
-                        return b""
+                        return b"" if rewrite else chunk
                     raise _ProtoErr(f"not an AMQP 0-9-1 protocol header: {data[:8]!r}")
                 if data[:8] != PROTOCOL_HEADER:
                     raise _ProtoErr(
@@ -357,7 +362,7 @@ class AmqpDecoder:
         except (_ProtoErr, HeaderError, IndexError, struct.error, UnicodeDecodeError) as e:
             self._fail(st, data, pos, f"{e}")
             if not rewrite:
-                return data
+                return chunk
             if parts is None:
                 return data[last:] if last else data
             parts.append(data[last:])
@@ -366,7 +371,7 @@ class AmqpDecoder:
             st.buf = data[pos:]
         st.offset += pos
         if not rewrite:
-            return data
+            return chunk
         if parts is None:
             return data if pos == n else data[:pos]
         parts.append(data[last:pos])
@@ -385,10 +390,10 @@ class AmqpDecoder:
                 data[pos : pos + 32].hex(),
             )
         )
-        other = self.s if st.c2s else self.c
-        if other is self.c and self.c.buf and self._release is not None:
+        if not st.c2s and self.c.buf:
             held, self.c.buf = self.c.buf, b""
-            self._release(held)
+            if self.inject and self._release is not None:
+                self._release(held)  # unsent client bytes go out unchanged
         st.buf = b""
 
     # --- frames --------------------------------------------------------------------------

@@ -1,0 +1,245 @@
+"""The AMQP decoder on real captured sessions: fed whole, split at every offset,
+and one byte at a time, it must give the same events and forward the same bytes;
+garbage gives one ProtocolError and passthrough, never an exception."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pamqp import frame as pamqp_frame
+
+from proxies.amqp.decoder import AmqpDecoder
+from proxies.amqp.events import (
+    AmqpConfirm,
+    AmqpDeliver,
+    AmqpGetOk,
+    AmqpMethod,
+    AmqpPublish,
+    AmqpSettle,
+)
+from sniff.events import ConnIdentity, ProtocolError, dumps
+from tests.fixtures.amqp.record import load
+
+FIXTURES = Path(__file__).resolve().parents[3] / "fixtures" / "amqp"
+PIKA = load(FIXTURES / "pika_session.bin")
+RPC = load(FIXTURES / "aio_pika_rpc.bin")
+
+Chunks = list[tuple[int, bytes]]
+
+
+def run(chunks: Chunks, inject: bool = True) -> tuple[list[Any], bytes]:
+    events: list[Any] = []
+    out: list[bytes] = []
+    counter = itertools.count(1)
+    dec = AmqpDecoder(
+        7,
+        events.append,
+        inject=inject,
+        clock=lambda: 1000,
+        new_span_id=lambda: f"{next(counter):016x}",
+        new_trace_id=lambda: f"{next(counter):032x}",
+        release=out.append,
+    )
+    for direction, data in chunks:
+        if direction == 0:
+            out.append(dec.feed_client(data))
+        else:
+            dec.feed_server(data)
+    out.append(dec.flush_client())
+    return events, b"".join(out)
+
+
+def merged(chunks: Chunks) -> Chunks:
+    out: Chunks = []
+    for d, data in chunks:
+        if out and out[-1][0] == d:
+            out[-1] = (d, out[-1][1] + data)
+        else:
+            out.append((d, data))
+    return out
+
+
+def split_at(chunks: Chunks, direction: int, offset: int) -> Chunks:
+    out: Chunks = []
+    seen = 0
+    for d, data in chunks:
+        if d == direction and seen < offset < seen + len(data):
+            k = offset - seen
+            out.extend([(d, data[:k]), (d, data[k:])])
+        else:
+            out.append((d, data))
+        if d == direction:
+            seen += len(data)
+    return out
+
+
+def bytewise(chunks: Chunks) -> Chunks:
+    return [(d, data[i : i + 1]) for d, data in chunks for i in range(len(data))]
+
+
+def stream(chunks: Chunks, direction: int) -> bytes:
+    return b"".join(data for d, data in chunks if d == direction)
+
+
+def fingerprint(events: list[Any]) -> list[bytes]:
+    return [dumps(e) for e in events]
+
+
+@pytest.mark.parametrize("name,chunks", [("pika", PIKA), ("aio_pika_rpc", RPC)])
+def test_whole_split_and_bytewise_agree(name: str, chunks: Chunks) -> None:
+    whole = merged(chunks)
+    ref_events, ref_out = run(whole)
+    assert ref_events and not any(isinstance(e, ProtocolError) for e in ref_events)
+    assert fingerprint(run(chunks)[0]) == fingerprint(ref_events)
+    ev, out = run(bytewise(chunks))
+    assert fingerprint(ev) == fingerprint(ref_events)
+    assert out == ref_out
+    for direction in (0, 1):
+        for k in range(1, len(stream(whole, direction))):
+            ev, out = run(split_at(whole, direction, k))
+            assert fingerprint(ev) == fingerprint(ref_events), (direction, k)
+            assert out == ref_out, (direction, k)
+
+
+def _frames(data: bytes) -> list[tuple[int, Any]]:
+    frames = []
+    pos = 0
+    while pos < len(data):
+        n, ch, f = pamqp_frame.unmarshal(data[pos:])
+        frames.append((ch, f))
+        pos += n
+    return frames
+
+
+def test_only_the_traceparent_header_is_added() -> None:
+    events, out = run(merged(PIKA))
+    original = stream(PIKA, 0)
+    assert run(merged(PIKA), inject=False)[1] == original  # injection off: byte-identical
+    a, b = _frames(original), _frames(out)
+    assert len(a) == len(b)
+    publishes = [e for e in events if isinstance(e, AmqpPublish)]
+    injected = [p for p in publishes if p.injected]
+    changed = 0
+    for (ch1, f1), (ch2, f2) in zip(a, b, strict=True):
+        assert ch1 == ch2 and type(f1) is type(f2)
+        if f1.name == "ContentHeader":
+            h1 = dict(f1.properties.headers or {})
+            h2 = dict(f2.properties.headers or {})
+            if h1 != h2:
+                changed += 1
+                tp = h2.pop("traceparent")
+                assert h1 == h2 and tp.startswith("00-")
+            for slot in f1.properties.__slots__:
+                if slot != "headers":
+                    assert getattr(f1.properties, slot) == getattr(f2.properties, slot)
+        elif f1.name == "ContentBody":
+            assert f1.value == f2.value
+    assert changed == len(injected) == 3  # the message that had a traceparent kept it
+
+
+def test_pika_session_events() -> None:
+    events, _ = run(merged(PIKA))
+    ident = [e for e in events if isinstance(e, ConnIdentity)]
+    assert ident[0].attrs["connection_name"] == "fixture-pika"
+    assert "response" not in str([e for e in events if isinstance(e, AmqpMethod)])
+    pubs = [e for e in events if isinstance(e, AmqpPublish)]
+    assert [p.body_size for p in pubs] == [0, 1024, 9000, 2]
+    assert pubs[0].confirm_seq == 1 and pubs[2].confirm_seq == 3 and pubs[3].confirm_seq is None
+    assert pubs[3].tx
+    assert pubs[1].properties["message_id"] == "m-1" and pubs[1].properties["priority"] == 3
+    assert pubs[2].injected is False and pubs[2].parent_span_id == "b7ad6b7169203331"
+    assert pubs[2].trace_id == "0af7651916cd43dd8448eb211c80319c"
+    assert [c.delivery_tag for c in events if isinstance(c, AmqpConfirm)] == [1, 2, 3]
+    gets = [e for e in events if isinstance(e, AmqpGetOk)]
+    assert [g.body_size for g in gets] == [0, 1024, 9000]
+    assert gets[0].queue == "sniff_fixture_q"
+    # (recorded without sniff: only the application's own traceparent comes back)
+    assert [g.traceparent for g in gets] == [None, None, pubs[2].traceparent]
+    delivers = [e for e in events if isinstance(e, AmqpDeliver)]
+    assert len(delivers) == 2 and delivers[1].redelivered and delivers[0].queue == "sniff_fixture_q"
+    settles = [(s.op, s.requeue) for s in events if isinstance(s, AmqpSettle)]
+    assert ("nack", True) in settles and settles.count(("ack", None)) == 4
+    assert gets[2].body_head == b"y" * 4096
+
+
+def test_rpc_reply_continues_the_request_trace() -> None:
+    events, _ = run(merged(RPC))
+    pubs = [e for e in events if isinstance(e, AmqpPublish)]
+    delivers = [e for e in events if isinstance(e, AmqpDeliver)]
+    request, reply = pubs
+    served = next(d for d in delivers if d.properties.get("reply_to"))
+    assert request.injected and reply.injected
+    # the reply's injected traceparent continues the served request's consumer span
+    assert reply.rpc_reply_to == served.span_id
+    assert reply.trace_id == served.trace_id and reply.parent_span_id == served.span_id
+    assert reply.traceparent == f"00-{served.trace_id}-{reply.span_id}-01"
+
+
+def test_garbage_first_bytes_are_passed_through() -> None:
+    events, out = run([(0, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")])
+    assert out == b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert len(events) == 1 and isinstance(events[0], ProtocolError)
+
+
+def test_frame_max_too_small_skips_injection() -> None:
+    # shrink the negotiated frame_max so that the 1 KiB message's header cannot grow
+    events: list[Any] = []
+    dec = AmqpDecoder(1, events.append)
+    for d, data in merged(PIKA):
+        if d == 0:
+            dec.feed_client(data)
+            if dec.frame_max:
+                dec.frame_max = 150  # the 1 KiB message header is 110 bytes; +72 does not fit
+        else:
+            dec.feed_server(data)
+    pubs = [e for e in events if isinstance(e, AmqpPublish)]
+    big = pubs[1]  # its header already carries many properties
+    assert not big.injected and "frame_max" in (big.inject_note or "")
+
+
+def _outcome(chunks: Chunks) -> None:
+    events, out = run(chunks, inject=False)
+    assert out == stream(chunks, 0)
+    errors = [i for i, e in enumerate(events) if isinstance(e, ProtocolError)]
+    assert len(errors) <= 1
+    if errors:
+        assert errors[0] == len(events) - 1  # passthrough: nothing decoded afterwards
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=400), st.booleans())
+def test_fuzz_random_streams(data: bytes, with_header: bool) -> None:
+    prefix = b"AMQP\x00\x00\x09\x01" if with_header else b""
+    _outcome([(0, prefix + data), (1, data[::-1])])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.integers(0, 2**32),
+    st.integers(1, 8),
+    st.sampled_from(["flip", "drop", "insert", "truncate"]),
+)
+def test_fuzz_mutated_sessions(seed: int, n: int, how: str) -> None:
+    rnd = random.Random(seed)
+    chunks = [(d, bytearray(data)) for d, data in merged(RPC)]
+    for _ in range(n):
+        i = rnd.randrange(len(chunks))
+        buf = chunks[i][1]
+        if not buf:
+            continue
+        j = rnd.randrange(len(buf))
+        if how == "flip":
+            buf[j] ^= 1 << rnd.randrange(8)
+        elif how == "drop":
+            del buf[j]
+        elif how == "insert":
+            buf.insert(j, rnd.randrange(256))
+        else:
+            del buf[j:]
+    _outcome([(d, bytes(b)) for d, b in chunks])
