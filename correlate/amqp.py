@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
+from correlate import shared_ids
 from correlate.model import Link, Span, SpanEvent
 from exporters import semconv as sc
 from proxies.amqp.events import (
@@ -65,6 +66,13 @@ class AmqpSpans:
         self.mandatory_wait: OrderedDict[str, int] = OrderedDict()  # wire span id -> deadline
         # (reply_to, correlation_id) -> (trace id, consumer span id, ts) for offline RPC pairing
         self.rpc: OrderedDict[tuple[str, str], tuple[str, str, int]] = OrderedDict()
+        # calls awaiting a reply, (reply_to, correlation_id) -> ts: their replies are
+        # responses to the caller, not new units of work for it
+        self.awaiting: OrderedDict[tuple[str, str], int] = OrderedDict()
+        # no-ack deliveries are in flight until the consumer's reply or its next
+        # delivery on that channel: (conn, channel) -> span id; (reply_to, corr) -> span id
+        self.noack_open: dict[tuple[int, int], str] = {}
+        self.noack_reply: dict[tuple[str, str], str] = {}
 
     # --- dispatch ------------------------------------------------------------------------
 
@@ -158,6 +166,16 @@ class AmqpSpans:
             resource,
             conn=ev.conn,
         )
+        self.e.causal.call(span, ev.conn, ev.ts, shared_ids.values(ev.body_ids), decided=parent is not None)
+        props = ev.properties
+        corr = props.get("correlation_id")
+        if corr:
+            if props.get("reply_to"):
+                self.awaiting[(props["reply_to"], corr)] = ev.ts
+            if ev.exchange == "":
+                done = self.noack_reply.pop((ev.routing_key, corr), None)
+                if done is not None:
+                    self.e.causal.unit_end(done, ev.ts)
         wire = parse_traceparent(ev.traceparent)
         wire_span = wire[1] if wire else ev.span_id
         if ev.confirm_seq is not None:
@@ -252,10 +270,29 @@ class AmqpSpans:
         corr = ev.properties.get("correlation_id")
         if reply_to and corr:
             self.rpc[(reply_to, corr)] = (ev.trace_id, ev.span_id, ev.ts)
+        if corr and self._is_response(ev.routing_key, corr):
+            span.attrs["sniff.amqp.rpc_response"] = True  # the caller's reply, not new work
+        else:
+            self.e.causal.unit_start(ev.conn, "client", span, ev.ts, shared_ids.values(ev.body_ids))
+            if ev.no_ack:
+                key = (ev.conn, ev.channel)
+                prev = self.noack_open.pop(key, None)
+                if prev is not None:
+                    self.e.causal.unit_end(prev, ev.ts)
+                self.noack_open[key] = ev.span_id
+                if reply_to and corr:
+                    self.noack_reply[(reply_to, corr)] = ev.span_id
         if ev.no_ack:
             self.e.emit(span)
         else:
             self.unsettled.setdefault((ev.conn, ev.channel), OrderedDict())[ev.delivery_tag] = span
+
+    def _is_response(self, routing_key: str, corr: str) -> bool:
+        if self.awaiting.pop((routing_key, corr), None) is not None:
+            return True
+        if routing_key.startswith("amq.rabbitmq.reply-to."):  # direct reply-to
+            return self.awaiting.pop(("amq.rabbitmq.reply-to", corr), None) is not None
+        return False
 
     def _settle(self, ev: AmqpSettle) -> None:
         pending = self.unsettled.get((ev.conn, ev.channel))
@@ -264,6 +301,7 @@ class AmqpSpans:
         for tag in _take(pending, ev.delivery_tag, ev.multiple):
             span = pending.pop(tag)
             span.end = max(span.end, ev.ts)
+            self.e.causal.unit_end(span.span_id, ev.ts)
             span.attrs["sniff.amqp.settlement"] = ev.op
             if ev.requeue is not None:
                 span.attrs["sniff.amqp.requeue"] = ev.requeue
@@ -276,10 +314,13 @@ class AmqpSpans:
     # --- endings -------------------------------------------------------------------------
 
     def _end_pending(self, match: Any, ts: int, why: str, incomplete: bool = False) -> None:
+        for key in [k for k in self.noack_open if match(k)]:
+            self.e.causal.unit_end(self.noack_open.pop(key), ts)
         for table, what in ((self.unsettled, "settled"), (self.unconfirmed, "confirmed")):
             for key in [k for k in table if match(k)]:
                 for span in table.pop(key).values():
                     span.end = max(span.end, ts)
+                    self.e.causal.unit_end(span.span_id, ts)
                     span.status = "ERROR"
                     span.status_message = f"{why} before the message was {what}"
                     if incomplete:
@@ -324,6 +365,13 @@ class AmqpSpans:
             if v[2] >= limit:
                 break
             del self.rpc[k]
+        while self.awaiting:
+            k2, t = next(iter(self.awaiting.items()))
+            if t >= limit:
+                break
+            del self.awaiting[k2]
+        if len(self.noack_reply) > 100_000:
+            self.noack_reply.clear()
 
     def flush(self, now: int) -> None:
         self._end_pending(lambda k: True, now, "capture ended", incomplete=True)

@@ -23,9 +23,10 @@ import logging
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from correlate.identity import ConnInfo, ServiceMap, resolve_service
+from correlate.causal import DEFAULT_LAG_NS, DEFAULT_RECENT_NS, Causal
+from correlate.identity import Component, ConnInfo, Identities
 from correlate.model import Span
-from sniff.events import ConnClose, ConnIdentity, ConnOpen, Event
+from sniff.events import ConnClose, ConnIdentity, ConnOpen, Event, ProxyUpstream
 
 log = logging.getLogger("sniff.correlate")
 
@@ -55,9 +56,18 @@ class Correlator:
         ttl_ns: int = DEFAULT_TTL_NS,
         options: dict[str, Any] | None = None,
     ) -> None:
-        self.services = ServiceMap(services)
+        self.identities = Identities(services)
         self.ttl_ns = ttl_ns
         self.options = dict(options or {})
+        self.causal = Causal(
+            self._component_of,
+            self.trace,
+            self.alias,
+            self._release,
+            lag_ns=int(float(self.options.get("lag_ms", DEFAULT_LAG_NS / 1e6)) * 1e6),
+            recent_ns=int(float(self.options.get("recent_s", DEFAULT_RECENT_NS / 1e9)) * 1e9),
+            ttl_ns=ttl_ns,
+        )
         self.conns: dict[int, ConnInfo] = {}
         self._closed: dict[int, int] = {}  # conn -> close ts, for delayed eviction
         self._builders: dict[str, SpanBuilder | None] = {}
@@ -84,6 +94,7 @@ class Correlator:
         if now > self.now:
             self.now = now
         self._expire()
+        self.causal.advance(self.now)
         return self._take()
 
     def finish(self) -> list[Span]:
@@ -91,6 +102,7 @@ class Correlator:
         for b in self._builders.values():
             if b is not None:
                 b.flush(self.now)
+        self.causal.drain()
         return self._take()
 
     def _feed(self, ev: Event) -> None:
@@ -103,12 +115,16 @@ class Correlator:
         proto = ev.protocol
         if proto == "core":
             self._core(ev)
-            return
-        b = self._builders.get(proto, False)
-        if b is False:
-            b = self._load_builder(proto)
-        if b is not None:
-            b.feed(ev)  # type: ignore[union-attr]
+        else:
+            b = self._builders.get(proto, False)
+            if b is False:
+                b = self._load_builder(proto)
+            if b is not None:
+                b.feed(ev)  # type: ignore[union-attr]
+        causal = self.causal
+        limit = ts - causal.lag_ns
+        if (causal._heap and causal._heap[0][0] <= limit) or (causal._ready and causal._ready[0][0] <= limit):
+            causal.advance(ts)
 
     def _load_builder(self, proto: str) -> SpanBuilder | None:
         spec = BUILDERS.get(proto)
@@ -134,13 +150,16 @@ class Correlator:
                 ev.server_addr,
                 ev.server_port,
                 ev.ts,
-                peer_pid=ev.peer_pid,
             )
         elif isinstance(ev, ConnIdentity):
             info = self.conns.get(ev.conn)
             if info is not None:
                 info.identity[ev.source] = dict(ev.attrs)
-                info._service = None
+                info.forget()
+        elif isinstance(ev, ProxyUpstream):
+            self.identities.upstream(ev.proxy, ev.processes)
+            for info in self.conns.values():
+                info.forget()
         elif isinstance(ev, ConnClose):
             info = self.conns.get(ev.conn)
             if info is None:
@@ -178,8 +197,25 @@ class Correlator:
         """The client component of a connection: (service.name, resource attributes)."""
         if info is None:
             return "unknown", {"service.name": "unknown"}
-        name = resolve_service(info, self.services)
-        return name, info.resource(name)
+        c = self.identities.client(info)
+        return c.name, dict(c.resource)
+
+    def server_service(self, info: ConnInfo | None) -> tuple[str, dict[str, Any]]:
+        """The server component of a connection (the proxied service): for SERVER spans."""
+        if info is None:
+            return "unknown", {"service.name": "unknown"}
+        c = self.identities.server(info)
+        return c.name, dict(c.resource)
+
+    def client_component(self, info: ConnInfo) -> Component:
+        return self.identities.client(info)
+
+    def _component_of(self, conn: int, role: str) -> str | None:
+        info = self.conns.get(conn)
+        if info is None:
+            return None
+        comp = self.identities.client(info) if role == "client" else self.identities.server(info)
+        return comp.key
 
     def alias(self, wire_trace: str, canonical: str) -> None:
         if wire_trace != canonical:
@@ -193,6 +229,17 @@ class Correlator:
         return trace_id
 
     def emit(self, span: Span) -> None:
+        """A builder finished ``span``; it is released once causality has been decided."""
+        self.causal.finished(span)
+
+    def _release(self, span: Span) -> None:
+        info = self.conns.get(span.conn) if span.conn else None
+        if info is not None:  # name it now: the process behind it is known by now
+            comp = self.identities.server(info) if span.kind == "SERVER" else self.identities.client(info)
+            span.service = comp.name
+            res = dict(span.resource)
+            res.update(comp.resource)
+            span.resource = res
         if self._aliases:
             span.trace_id = self.trace(span.trace_id)
             for link in span.links:

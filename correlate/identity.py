@@ -1,10 +1,23 @@
-"""Service identity: which component a connection's client is.
+"""Service identity: which component is at each end of a connection.
 
-Sources, in order: the config's address/CIDR map; the local process behind a
-loopback peer (pid and executable, resolved by the proxy at accept time); the
-protocol's own self-description (AMQP connection_name/product, MySQL
-program_name, PostgreSQL application_name, HTTP User-Agent); reverse DNS; and
-finally the bare peer address.
+A component has a *key* (what makes two connections the same component, used
+for causality) and a *name* (service.name in Jaeger). The key comes from the
+first source that knows, in this order:
+
+1. the config's ``[services]`` map (address or CIDR -> name);
+2. the local process behind a loopback peer (pid, resolved through /proc by
+   the proxy), so that on one host each process is its own component;
+3. the protocol's self-description: AMQP ``connection_name``/``product``,
+   MySQL ``program_name``, PostgreSQL ``application_name``, HTTP User-Agent;
+4. reverse DNS of the peer (compose service names);
+5. the peer address.
+
+The name prefers what a person configured or the software says of itself:
+config; the proxy a process serves behind (a worker of the service proxied as
+"nova-api" is "nova-api" when it calls the database too); self-description;
+the process name; reverse DNS; the address. So two workers of one service
+are two components (two pids) with one service name, told apart in Jaeger by
+``process.pid``.
 """
 
 from __future__ import annotations
@@ -33,21 +46,25 @@ class ConnInfo:
     server_port: int
     opened: int
     closed: int | None = None
-    peer_pid: int | None = None
     identity: dict[str, dict[str, str]] = field(default_factory=dict)  # source -> attrs
-    _service: str | None = None
+    _client: Component | None = None
+    _server: Component | None = None
 
-    def resource(self, service: str) -> dict[str, Any]:
-        r: dict[str, Any] = {"service.name": service, "sniff.client.address": self.client_addr}
-        if self.peer_pid:
-            r["process.pid"] = self.peer_pid
-        proc = self.identity.get("proc")
-        if proc:
-            if proc.get("exe"):
-                r["process.executable.path"] = proc["exe"]
-            if proc.get("cmdline"):
-                r["process.command_line"] = proc["cmdline"]
-        return r
+    def pid(self, server: bool = False) -> int | None:
+        proc = self.identity.get("proc.server" if server else "proc")
+        if proc and proc.get("pid"):
+            return int(proc["pid"])
+        return None
+
+    def forget(self) -> None:
+        self._client = self._server = None
+
+
+@dataclass(frozen=True, slots=True)
+class Component:
+    key: str
+    name: str
+    resource: dict[str, Any]
 
 
 class ServiceMap:
@@ -80,33 +97,105 @@ class ServiceMap:
         return found
 
 
-def resolve_service(info: ConnInfo, services: ServiceMap) -> str:
-    if info._service is not None:
-        return info._service
-    name = services.lookup(info.client_addr)
-    if name is None:
-        proc = info.identity.get("proc")
-        if proc and proc.get("name"):
-            name = proc["name"]
-    if name is None:
-        for source, keys in _SELF_KEYS.items():
-            attrs = info.identity.get(source)
-            if not attrs:
-                continue
+def _self_description(info: ConnInfo) -> str | None:
+    for source, keys in _SELF_KEYS.items():
+        attrs = info.identity.get(source)
+        if attrs:
             for k in keys:
                 v = attrs.get(k)
                 if v:
-                    name = v
-                    break
-            if name:
-                break
-    if name is None:
-        rdns = info.identity.get("rdns")
-        if rdns and rdns.get("name"):
-            name = rdns["name"]
-    if name is None:
-        name = f"{info.protocol}-client@{info.client_addr}"
-    # the name is final only once self-description had its chance
-    if info.identity:
-        info._service = name
-    return name
+                    return v
+    return None
+
+
+class Identities:
+    """Names the client and server ends of connections (same rules live and offline)."""
+
+    def __init__(self, services: dict[str, str] | None = None) -> None:
+        self.services = ServiceMap(services)
+        # (host, pid) -> proxy name, for processes listening behind a proxy's upstream
+        self.serving: dict[tuple[str, int], str] = {}
+
+    def upstream(self, proxy: str, processes: list[dict[str, str]]) -> None:
+        for p in processes:
+            if p.get("pid"):
+                self.serving[(p.get("host", ""), int(p["pid"]))] = proxy
+
+    def client(self, info: ConnInfo) -> Component:
+        if info._client is not None:
+            return info._client
+        proc = info.identity.get("proc") or {}
+        rdns = info.identity.get("rdns") or {}
+        configured = self.services.lookup(info.client_addr)
+        pid = int(proc["pid"]) if proc.get("pid") else None
+        host = proc.get("host", "")
+        described = _self_description(info)
+        name = (
+            configured
+            or (self.serving.get((host, pid)) if pid is not None else None)
+            or described
+            or proc.get("name")
+            or rdns.get("name")
+            or f"{info.protocol}-client@{info.client_addr}"
+        )
+        if configured:
+            key = f"cfg:{configured}"
+        elif pid is not None:
+            key = f"pid:{host}:{pid}"
+        elif described:
+            key = f"self:{described}"
+        elif rdns.get("name"):
+            key = f"dns:{rdns['name']}"
+        else:
+            key = f"addr:{info.client_addr}"
+        res: dict[str, Any] = {"service.name": name, "sniff.client.address": info.client_addr}
+        if pid is not None:
+            res["process.pid"] = pid
+            if proc.get("exe"):
+                res["process.executable.path"] = proc["exe"]
+            if proc.get("cmdline"):
+                res["process.command_line"] = proc["cmdline"]
+            if host:
+                res["host.name"] = host
+        comp = Component(key, name, res)
+        if "proc" in info.identity or "rdns" in info.identity:
+            info._client = comp  # final once the process lookup has answered
+        return comp
+
+    def server(self, info: ConnInfo) -> Component:
+        """The upstream end: the proxied service itself (for SERVER spans)."""
+        if info._server is not None:
+            return info._server
+        proc = info.identity.get("proc.server") or {}
+        configured = self.services.lookup(info.server_addr)
+        pid = int(proc["pid"]) if proc.get("pid") else None
+        host = proc.get("host", "")
+        name = configured or info.proxy
+        if configured:
+            key = f"cfg:{configured}"
+        elif pid is not None:
+            key = f"pid:{host}:{pid}"
+        else:
+            key = f"svc:{info.proxy}"
+        res: dict[str, Any] = {"service.name": name, "server.address": info.server_addr,
+                               "server.port": info.server_port}
+        if pid is not None:
+            res["process.pid"] = pid
+            if proc.get("exe"):
+                res["process.executable.path"] = proc["exe"]
+            if proc.get("cmdline"):
+                res["process.command_line"] = proc["cmdline"]
+            if host:
+                res["host.name"] = host
+        comp = Component(key, name, res)
+        if "proc.server" in info.identity or "rdns.server" in info.identity:
+            info._server = comp
+        return comp
+
+
+def resolve_service(info: ConnInfo, services: ServiceMap | Identities | None = None) -> str:
+    """The client component's name (kept for callers that only need the name)."""
+    ids = services if isinstance(services, Identities) else Identities()
+    if isinstance(services, ServiceMap):
+        ids.services = services
+    return ids.client(info).name

@@ -6,9 +6,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from correlate.engine import Correlator
-from correlate.identity import ConnInfo, ServiceMap, resolve_service
+from correlate.identity import ConnInfo, Identities
 from correlate.model import Span
-from sniff.events import ConnIdentity, ConnOpen
+from sniff.events import ConnIdentity, ConnOpen, ProxyUpstream
 from sniff.store import CaptureReader
 
 
@@ -54,21 +54,14 @@ def conn_services(
     reader: CaptureReader, services: dict[str, str] | None = None
 ) -> dict[int, tuple[str, ConnInfo]]:
     """conn id -> (service name, ConnInfo) for every connection in the capture."""
-    smap = ServiceMap(services)
+    ids = Identities(services)
     infos: dict[int, ConnInfo] = {}
-    for ev in reader.events(kinds=["core.conn_open", "core.identity"]):
+    for ev in reader.events(kinds=["core.conn_open", "core.identity", "core.proxy_upstream"]):
         if isinstance(ev, ConnOpen):
-            infos[ev.conn] = ConnInfo(
-                ev.conn,
-                ev.proxy,
-                ev.protocol_name,
-                ev.client_addr,
-                ev.client_port,
-                ev.server_addr,
-                ev.server_port,
-                ev.ts,
-                peer_pid=ev.peer_pid,
-            )
+            infos[ev.conn] = ConnInfo(ev.conn, ev.proxy, ev.protocol_name, ev.client_addr,
+                                      ev.client_port, ev.server_addr, ev.server_port, ev.ts)
         elif isinstance(ev, ConnIdentity) and ev.conn in infos:
             infos[ev.conn].identity[ev.source] = dict(ev.attrs)
-    return {c: (resolve_service(i, smap), i) for c, i in infos.items()}
+        elif isinstance(ev, ProxyUpstream):
+            ids.upstream(ev.proxy, ev.processes)
+    return {c: (ids.client(i).name, i) for c, i in infos.items()}

@@ -80,6 +80,8 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     # address or CIDR -> component name (first source of service identity)
     services: dict[str, str] = field(default_factory=dict)
+    # resolve the local process behind loopback peers (/proc) and reverse DNS of others
+    identify_processes: bool = True
     # correlator options, validated by correlate/ (kept as raw table here)
     correlate: dict[str, Any] = field(default_factory=dict)
 
@@ -193,7 +195,8 @@ def _proxy_from_table(t: dict[str, Any], key: str) -> ProxyConfig:
     return cfg
 
 
-_TOP_KEYS = {"capture", "capture_queue", "log_level", "proxy", "export", "services", "correlate"}
+_TOP_KEYS = {"capture", "capture_queue", "log_level", "proxy", "export", "services", "correlate",
+             "identify_processes"}
 
 
 def from_dict(data: dict[str, Any], source: str = "config") -> Config:
@@ -216,6 +219,8 @@ def from_dict(data: dict[str, Any], source: str = "config") -> Config:
         if lvl not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"log_level: {lvl!r} is not one of debug, info, warning, error")
         cfg.log_level = lvl
+    if "identify_processes" in data:
+        cfg.identify_processes = _check_type(data["identify_processes"], bool, "identify_processes")
     proxies = data.get("proxy", [])
     if isinstance(proxies, dict):
         raise ConfigError("proxy: write each proxy as [[proxy]] (an array of tables), not [proxy]")

@@ -100,7 +100,6 @@ class ConnOpen(Event):
     server_port: int
     listen_addr: str
     listen_port: int
-    peer_pid: int | None = None
 
 
 @event("core.conn_close")
@@ -140,6 +139,16 @@ class ConnIdentity(Event):
 
     source: str
     attrs: dict[str, str]
+
+
+@event("core.proxy_upstream")
+class ProxyUpstream(Event):
+    """The local processes listening behind a proxy's upstream address (so a
+    pre-forked service's workers are known to be that service)."""
+
+    proxy: str
+    upstream: str
+    processes: list[dict[str, str]]  # pid, name, exe, cmdline, host
 
 
 @event("core.note")

@@ -29,6 +29,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 from typing import Protocol as TypingProtocol
 
 from sniff.config import Address, ProxyConfig
@@ -44,6 +45,15 @@ from sniff.events import (
 )
 
 log = logging.getLogger("sniff.relay")
+
+# Set by the runtime: resolves the local process (or reverse DNS name) at each
+# end of every connection, off the event loop (see sniff.procinfo).
+_identity_resolver: Any = None
+
+
+def set_identity_resolver(resolver: Any) -> None:
+    global _identity_resolver
+    _identity_resolver = resolver
 
 WRITE_HIGH_WATER = 1024 * 1024
 WRITE_LOW_WATER = 256 * 1024
@@ -163,8 +173,8 @@ class RelayConnection:
         "c_eof",
         "c_t",
         "closed",
-        "first_eof",
         "ctx",
+        "first_eof",
         "handler",
         "listener",
         "n_c2s",
@@ -265,6 +275,12 @@ class RelayConnection:
             )
         )
         lst.total += 1
+        resolver = _identity_resolver
+        if resolver is not None:
+            ours = transport.get_extra_info("sockname")
+            resolver.request(conn_id, "client", client, (str(sock[0]), int(sock[1])))
+            if ours:
+                resolver.request(conn_id, "server", (str(srv[0]), int(srv[1])), (str(ours[0]), int(ours[1])))
         try:
             self.handler = lst.handler_factory(self.ctx)
         except Exception as e:  # a handler that cannot start: relay plainly

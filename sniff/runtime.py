@@ -14,7 +14,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
-from typing import TextIO
+from typing import Any, TextIO
 
 from sniff import __version__, registry
 from sniff.config import Config
@@ -40,7 +40,9 @@ class Runtime:
         self.writer: CaptureWriter | None = None
         self.listeners: list[Listener] = []
         self.live: object | None = None
+        self.resolver: Any = None
         self._stop: asyncio.Event | None = None
+        self._upstream_task: asyncio.Task[None] | None = None
 
     def request_stop(self) -> None:
         if self._stop is not None:
@@ -53,6 +55,12 @@ class Runtime:
         self.live = LiveExport.from_config(cfg) if cfg.export.otlp else None
         listeners_cb = [self.live.on_batch] if self.live is not None else []  # type: ignore[attr-defined]
         self.writer = CaptureWriter(cfg.capture, cfg.capture_queue, on_batch=listeners_cb)
+        if cfg.identify_processes:
+            from sniff.procinfo import ProcResolver
+            from sniff.relay import set_identity_resolver
+
+            self.resolver = ProcResolver(self.writer.emit)
+            set_identity_resolver(self.resolver)
         try:
             for p in cfg.proxies:
                 lst: Listener = registry.module(p.protocol).create_listener(p, self.writer)
@@ -71,7 +79,21 @@ class Runtime:
                 log.exception("stopping %s failed", lst.cfg.name)
         self.listeners = []
 
+    async def _watch_upstreams(self) -> None:
+        """Which local processes listen behind each upstream (re-checked: workers fork)."""
+        while True:
+            for lst in self.listeners:
+                up = lst.cfg.upstream
+                self.resolver.request_listen(lst.cfg.name, up.host, up.port)
+            await asyncio.sleep(10)
+
     def _close_writer(self) -> None:
+        if self.resolver is not None:
+            from sniff.relay import set_identity_resolver
+
+            set_identity_resolver(None)
+            self.resolver.close()
+            self.resolver = None
         if self.writer is not None:
             self.writer.close()
         if self.live is not None:
@@ -89,10 +111,14 @@ class Runtime:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._stop.set)
         self._announce()
+        if self.resolver is not None:
+            self._upstream_task = asyncio.get_running_loop().create_task(self._watch_upstreams())
         if on_ready is not None:
             on_ready()
         await self._stop.wait()
         print("sniff: stopping...", file=self.out, flush=True)
+        if self._upstream_task is not None:
+            self._upstream_task.cancel()
         await self._stop_listeners()
         self._close_writer()
         w = self.writer

@@ -12,6 +12,10 @@ OPTIONS = {
         "bytes at the start of each message body kept for shared-id extraction "
         "(oslo.messaging _context_request_id, _msg_id...); 0 disables",
     ),
+    "capture_body": Option(
+        bool, False,
+        "keep those first body bytes in the capture (default: only the ids found in them are kept)",
+    ),
 }
 
 
@@ -30,4 +34,5 @@ def create_listener(cfg: ProxyConfig, sink: EventSink) -> Listener:
 
     shared = AmqpShared()
     body_head = int(cfg.options["body_scan_bytes"])
-    return RelayListener(cfg, sink, lambda ctx: AmqpHandler(ctx, shared, body_head))
+    keep = bool(cfg.options["capture_body"])
+    return RelayListener(cfg, sink, lambda ctx: AmqpHandler(ctx, shared, body_head, keep))

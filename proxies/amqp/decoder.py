@@ -229,6 +229,7 @@ class AmqpDecoder:
         body_head: int = 4096,
         shared: AmqpShared | None = None,
         release: Callable[[bytes], None] | None = None,
+        keep_body: bool = False,
     ) -> None:
         self.conn = conn
         self._emit = emit
@@ -237,6 +238,7 @@ class AmqpDecoder:
         self._span_id = new_span_id
         self._trace_id = new_trace_id
         self._head_max = body_head
+        self._keep_body = keep_body
         self._shared = shared if shared is not None else AmqpShared()
         self._release = release  # sends held client bytes upstream after a failure
         self.c = _Stream(True)
@@ -706,6 +708,8 @@ class AmqpDecoder:
                     chan.tx,
                     a.get("rpc_reply_to"),
                     head,
+                    None,
+                    self._keep_body,
                 )
             )
             return
@@ -731,6 +735,8 @@ class AmqpDecoder:
                     msg.trace_id,
                     msg.span_id,
                     head,
+                    None,
+                    self._keep_body,
                 )
             )
         elif msg.kind == "get":
@@ -754,6 +760,8 @@ class AmqpDecoder:
                     msg.trace_id,
                     msg.span_id,
                     head,
+                    None,
+                    self._keep_body,
                 )
             )
         else:

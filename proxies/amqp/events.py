@@ -9,13 +9,40 @@ put in an event.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from sniff.events import Event, event
 
 
+class _Ids:
+    """Shared-id extraction for message events, run by the capture writer's thread
+    (``prepare``): ids from properties, headers and the first body bytes go to
+    ``body_ids``; the body bytes themselves are dropped unless ``keep_body``."""
+
+    __slots__ = ()
+    needs_prepare: ClassVar[bool] = True
+
+    def prepare(self: Any) -> None:
+        from correlate import shared_ids
+        from proxies.amqp.rewrite import decode_headers
+
+        ids: dict[str, str] = {}
+        props = self.properties
+        if props.get("correlation_id"):
+            ids["prop.correlation_id"] = str(props["correlation_id"])
+        raw = self.headers_raw
+        if raw:
+            low = raw.lower()
+            if any(h.encode() in low for h in shared_ids.settings.headers):
+                shared_ids.from_headers(decode_headers(raw).items(), ids)
+        shared_ids.from_body(self.body_head, ids)
+        self.body_ids = ids or None
+        if not self.keep_body:
+            self.body_head = b""
+
+
 @event("amqp.publish")
-class AmqpPublish(Event):
+class AmqpPublish(_Ids, Event):
     """A Basic.Publish from a client, with its content (a PRODUCER span)."""
 
     channel: int
@@ -37,10 +64,11 @@ class AmqpPublish(Event):
     rpc_reply_to: str | None  # span id of the delivery this reply answers (live RPC pairing)
     body_head: bytes = b""  # first bytes of the body, for shared-id extraction
     body_ids: dict[str, str] | None = None
+    keep_body: bool = False  # keep body_head in the capture (option capture_body)
 
 
 @event("amqp.deliver")
-class AmqpDeliver(Event):
+class AmqpDeliver(_Ids, Event):
     """A message the broker pushed to a consumer (Basic.Deliver): a CONSUMER span."""
 
     channel: int
@@ -60,10 +88,11 @@ class AmqpDeliver(Event):
     span_id: str  # sniff's CONSUMER span
     body_head: bytes = b""
     body_ids: dict[str, str] | None = None
+    keep_body: bool = False
 
 
 @event("amqp.get")
-class AmqpGetOk(Event):
+class AmqpGetOk(_Ids, Event):
     """A message fetched with Basic.Get (Basic.Get-Ok): a CONSUMER span (receive)."""
 
     channel: int
@@ -83,6 +112,7 @@ class AmqpGetOk(Event):
     span_id: str
     body_head: bytes = b""
     body_ids: dict[str, str] | None = None
+    keep_body: bool = False
 
 
 @event("amqp.return")

@@ -14,7 +14,7 @@ from sniff.relay import ConnContext, Handler
 class AmqpHandler(Handler):
     observe = True
 
-    def __init__(self, ctx: ConnContext, shared: AmqpShared, body_head: int) -> None:
+    def __init__(self, ctx: ConnContext, shared: AmqpShared, body_head: int, keep_body: bool = False) -> None:
         super().__init__(ctx)
         self.rewrite_c2s = ctx.proxy.inject
         self.decoder = AmqpDecoder(
@@ -24,6 +24,7 @@ class AmqpHandler(Handler):
             shared=shared,
             body_head=body_head,
             release=ctx.send_to_server,
+            keep_body=keep_body,
         )
         self.c2s = self.decoder.feed_client  # type: ignore[method-assign]
 

@@ -14,7 +14,10 @@ from tests.helpers import SniffProcess
 @pytest.fixture
 def sniff_amqp(sniff_run: Any) -> Iterator[SniffProcess]:
     require_server("rabbitmq")
-    yield sniff_run([{"name": "rabbitmq", "protocol": "amqp", "upstream": "127.0.0.1:5672"}])
+    # these tests play several components in one process; name them by their AMQP
+    # connection_name rather than by pid (identity itself is tested in tests/integration/test_identity.py)
+    yield sniff_run([{"name": "rabbitmq", "protocol": "amqp", "upstream": "127.0.0.1:5672"}],
+                    identify_processes=False)
 
 
 def qname(tag: str) -> str:
@@ -31,13 +34,14 @@ def by_kind(spans: list[Any], kind: str) -> list[Any]:
 
 def assert_linked(spans: list[Any], traceparents: list[str]) -> None:
     """Each traceparent a consumer saw names a PRODUCER span, and a CONSUMER span
-    in the same trace is its child and links to it."""
+    in the same trace is its child and links to it. (The trace may have moved from
+    the wire's id to a caller's trace by causal correlation; both moved together.)"""
     producers = {s.span_id: s for s in spans if s.kind == "PRODUCER"}
     consumers = [s for s in spans if s.kind == "CONSUMER"]
     for tp in traceparents:
-        _, trace_id, span_id, _ = tp.split("-")
+        _, _trace_id, span_id, _ = tp.split("-")
         assert span_id in producers, f"no producer span for {tp}"
-        assert producers[span_id].trace_id == trace_id
+        trace_id = producers[span_id].trace_id
         kids = [c for c in consumers if c.parent_id == span_id]
         assert kids, f"no consumer span under {tp}"
         for c in kids:

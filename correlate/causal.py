@@ -1,0 +1,324 @@
+"""Cross-component causality: which inbound unit of work caused each outbound call.
+
+Vocabulary. A component's *units of work* are what it is asked to do: an HTTP
+request it serves (a SERVER span whose server end is the component), an AMQP
+delivery it consumes (a CONSUMER span). Its *calls* are what it asks of others:
+SQL statements, AMQP publishes, HTTP requests to another proxied service (the
+SERVER span at that service, whose client end is the component). Builders
+report units (start, end) and calls as they see them; this stage gives each
+call a parent unit, using in order:
+
+1. propagated context: the call already carries a parent taken from a
+   ``traceparent`` (an instrumented application, or sniff's own tag);
+2. pairing: decided by the protocol builder (RPC replies, request/response);
+3. shared identifiers: ids present in both the unit and the call (request ids,
+   oslo.messaging ``_context_request_id``/``_msg_id``/``_unique_id``, configured
+   headers, JSON keys or regexes), among the component's units in flight or
+   recently ended;
+4. timing, in the spirit of vPath: a call made while exactly one unit of its
+   component is in flight belongs to that unit. With several in flight and no
+   other evidence, nothing is guessed: the call gets span links to every
+   candidate, ``sniff.correlation.confidence = 1/n``, and no parent.
+
+A SQL transaction is decided as one: its statements' ids are pooled and the
+candidate units must be in flight for every statement of it.
+
+Ordering. Notifications are processed in timestamp order, ``lag_ns`` behind the
+newest event, so that facts learnt a little later (the process behind a
+connection, resolved off the proxy's event loop) are known when deciding.
+Finished spans are held until every notification about them has been
+processed, then released with the canonical trace id: when a call joins a unit,
+its own trace id (the one on the wire, which its consumers and servers
+inherited) is aliased to the unit's, so the whole downstream path moves into
+the root's trace.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from correlate.model import Link, Span
+from exporters import semconv as sc
+
+DEFAULT_LAG_NS = 2 * 10**9
+DEFAULT_RECENT_NS = 60 * 10**9
+
+
+@dataclass(slots=True)
+class Unit:
+    span_id: str
+    trace_id: str
+    comp: str
+    start: int
+    end: int | None = None
+    ids: set[str] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class Call:
+    span: Span
+    conn: int
+    ts: int
+    ids: frozenset[str]
+    decided: bool  # parent already known (propagated or paired): only register nothing
+    group: Any = None
+
+
+@dataclass(slots=True)
+class _Group:
+    calls: list[Call] = field(default_factory=list)
+    comp: str | None = None
+
+
+_UNIT, _END, _CALL, _GROUP_END, _UNIT_IDS = range(5)
+
+
+class Causal:
+    def __init__(
+        self,
+        component_of: Callable[[int, str], str | None],
+        trace_of: Callable[[str], str],
+        alias: Callable[[str, str], None],
+        release: Callable[[Span], None],
+        lag_ns: int = DEFAULT_LAG_NS,
+        recent_ns: int = DEFAULT_RECENT_NS,
+        ttl_ns: int = 10 * 60 * 10**9,
+    ) -> None:
+        self._component_of = component_of  # (conn, "client"|"server") -> key
+        self._trace = trace_of
+        self._alias = alias
+        self._release = release
+        self.lag_ns = lag_ns
+        self.recent_ns = recent_ns
+        self.ttl_ns = ttl_ns
+        self._heap: list[tuple[int, int, int, Any]] = []
+        self._seq = itertools.count()
+        self._pending: dict[str, int] = {}  # span id -> notifications not yet processed
+        self._held: dict[str, Span] = {}  # finished spans waiting for their notifications
+        # spans ready to go, released once event time passes their end + lag (so that
+        # identities resolved a little later name them)
+        self._ready: list[tuple[int, int, Span]] = []
+        self.units: dict[str, Unit] = {}  # span id -> unit
+        self._by_comp: dict[str, dict[str, Unit]] = {}
+        self._ended: list[tuple[int, str]] = []  # (end ts, span id) heap, for forgetting
+        self._opened: list[tuple[int, str]] = []  # (start ts, span id) heap, for the TTL
+        self._groups: dict[Any, _Group] = {}
+        self.stats: dict[str, int] = {
+            "propagated": 0, "paired": 0, "shared_id": 0, "timing": 0, "ambiguous": 0, "none": 0,
+            "units_expired": 0,
+        }
+
+    # --- notifications (from builders, in any order within the lag) -------------------------
+
+    def unit_start(self, conn: int, role: str, span: Span, ts: int, ids: set[str] | None = None) -> None:
+        self._push(ts, _UNIT, (conn, role, span.span_id, span.trace_id, set(ids or ())), span.span_id)
+
+    def unit_ids(self, span_id: str, ts: int, ids: set[str]) -> None:
+        """More ids learnt about a unit (e.g. a request id in the response headers)."""
+        if ids:
+            self._push(ts, _UNIT_IDS, (span_id, set(ids)), None)
+
+    def unit_end(self, span_id: str, ts: int) -> None:
+        self._push(ts, _END, span_id, None)
+
+    def call(self, span: Span, conn: int, ts: int, ids: set[str] | frozenset[str] | None = None,
+             decided: bool = False, group: Any = None) -> None:
+        self._push(ts, _CALL, Call(span, conn, ts, frozenset(ids or ()), decided, group), span.span_id)
+
+    def group_end(self, group: Any, ts: int) -> None:
+        self._push(ts, _GROUP_END, group, None)
+
+    def finished(self, span: Span) -> None:
+        """A builder finished ``span``: release it once its notifications are processed."""
+        if self._pending.get(span.span_id):
+            self._held[span.span_id] = span
+        else:
+            heapq.heappush(self._ready, (span.end, next(self._seq), span))
+
+    def _push(self, ts: int, kind: int, payload: Any, span_id: str | None) -> None:
+        if span_id is not None:
+            self._pending[span_id] = self._pending.get(span_id, 0) + 1
+        heapq.heappush(self._heap, (ts, next(self._seq), kind, payload))
+
+    # --- processing --------------------------------------------------------------------------
+
+    def advance(self, now: int) -> None:
+        limit = now - self.lag_ns
+        heap = self._heap
+        while heap and heap[0][0] <= limit:
+            ts, _, kind, payload = heapq.heappop(heap)
+            self._process(ts, kind, payload)
+        ready = self._ready
+        while ready and ready[0][0] <= limit:
+            self._release(heapq.heappop(ready)[2])
+        self._forget(limit)
+
+    def drain(self) -> None:
+        while self._heap:
+            ts, _, kind, payload = heapq.heappop(self._heap)
+            self._process(ts, kind, payload)
+        for group in list(self._groups):
+            self._decide_group(group)
+        for span in list(self._held.values()):
+            self._release(span)
+        self._held.clear()
+        self._pending.clear()
+        while self._ready:
+            self._release(heapq.heappop(self._ready)[2])
+
+    def _done(self, span_id: str) -> None:
+        n = self._pending.get(span_id, 0) - 1
+        if n > 0:
+            self._pending[span_id] = n
+            return
+        self._pending.pop(span_id, None)
+        span = self._held.pop(span_id, None)
+        if span is not None:
+            heapq.heappush(self._ready, (span.end, next(self._seq), span))
+
+    def _process(self, ts: int, kind: int, payload: Any) -> None:
+        if kind == _UNIT:
+            conn, role, span_id, trace_id, ids = payload
+            comp = self._component_of(conn, role)
+            if comp is not None:
+                u = Unit(span_id, trace_id, comp, ts, None, ids)
+                self.units[span_id] = u
+                self._by_comp.setdefault(comp, {})[span_id] = u
+                heapq.heappush(self._opened, (ts, span_id))
+            self._done(span_id)
+        elif kind == _END:
+            u = self.units.get(payload)
+            if u is not None and u.end is None:
+                u.end = ts
+                heapq.heappush(self._ended, (ts, u.span_id))
+        elif kind == _UNIT_IDS:
+            u = self.units.get(payload[0])
+            if u is not None:
+                u.ids |= payload[1]
+        elif kind == _CALL:
+            call: Call = payload
+            if call.decided:
+                self._count_decided(call.span)
+                self._done(call.span.span_id)
+            elif call.group is not None:
+                g = self._groups.setdefault(call.group, _Group())
+                g.calls.append(call)
+            else:
+                self._decide([call])
+                self._done(call.span.span_id)
+        elif kind == _GROUP_END:
+            self._decide_group(payload)
+
+    def _decide_group(self, group: Any) -> None:
+        g = self._groups.pop(group, None)
+        if g is None or not g.calls:
+            return
+        self._decide(g.calls)
+        for c in g.calls:
+            self._done(c.span.span_id)
+
+    def _count_decided(self, span: Span) -> None:
+        method = span.attrs.get(sc.SNIFF_CORRELATION_METHOD, "propagated")
+        self.stats[method] = self.stats.get(method, 0) + 1
+
+    # --- the decision ------------------------------------------------------------------------
+
+    def _in_flight(self, comp: str, ts: int) -> set[str]:
+        units = self._by_comp.get(comp)
+        if not units:
+            return set()
+        return {u.span_id for u in units.values() if u.start <= ts and (u.end is None or u.end >= ts)}
+
+    def _id_matches(self, comp: str, ids: frozenset[str], ts: int) -> set[str]:
+        units = self._by_comp.get(comp)
+        if not units or not ids:
+            return set()
+        oldest = ts - self.recent_ns
+        return {u.span_id for u in units.values()
+                if u.start <= ts and (u.end is None or u.end >= oldest) and not u.ids.isdisjoint(ids)}
+
+    def _decide(self, calls: list[Call]) -> None:
+        first = calls[0]
+        comp = self._component_of(first.conn, "client")
+        candidates: set[str] | None = None
+        ids: set[str] = set()
+        for c in calls:
+            ids |= c.ids
+            if comp is not None:
+                now = self._in_flight(comp, c.ts)
+                candidates = now if candidates is None else candidates & now
+        candidates = candidates or set()
+        chosen: str | None = None
+        method = "none"
+        if comp is not None and ids:
+            strong = frozenset(i for i in ids if not i.startswith("~"))
+            matched = self._id_matches(comp, strong, first.ts)
+            if len(matched) > 1:  # several units share the id: those in flight, then weak ids
+                for narrower in (candidates, self._id_matches(comp, frozenset(ids - strong), first.ts)):
+                    narrowed = matched & narrower
+                    if narrowed:
+                        matched = narrowed
+            if len(matched) == 1:
+                chosen, method = next(iter(matched)), "shared_id"
+        if chosen is None and len(candidates) == 1:
+            chosen, method = next(iter(candidates)), "timing"
+        if chosen is not None:
+            unit = self.units[chosen]
+            trace = self._trace(unit.trace_id)
+            for c in calls:
+                self._attach(c.span, unit.span_id, trace, method)
+            self.stats[method] += len(calls)
+            return
+        if candidates:
+            n = len(candidates)
+            for c in calls:
+                span = c.span
+                span.attrs[sc.SNIFF_CORRELATION_METHOD] = "timing"
+                span.attrs[sc.SNIFF_CORRELATION_CONFIDENCE] = round(1.0 / n, 4)
+                for sid in sorted(candidates):
+                    u = self.units[sid]
+                    span.links.append(Link(u.trace_id, sid, {sc.SNIFF_CORRELATION_CONFIDENCE: round(1.0 / n, 4)}))
+            self.stats["ambiguous"] += len(calls)
+            return
+        for c in calls:
+            c.span.attrs.setdefault(sc.SNIFF_CORRELATION_METHOD, "none")
+            c.span.attrs.setdefault(sc.SNIFF_CORRELATION_CONFIDENCE, 0.0)
+        self.stats["none"] += len(calls)
+
+    def _attach(self, span: Span, parent: str, trace: str, method: str) -> None:
+        if span.trace_id != trace:
+            self._alias(span.trace_id, trace)
+            span.trace_id = trace
+        span.parent_id = parent
+        span.attrs[sc.SNIFF_CORRELATION_METHOD] = method
+        span.attrs[sc.SNIFF_CORRELATION_CONFIDENCE] = 1.0
+
+    # --- bounded memory ----------------------------------------------------------------------
+
+    def _forget(self, limit: int) -> None:
+        forget_before = limit - self.recent_ns
+        ended = self._ended
+        while ended and ended[0][0] < forget_before:
+            _, sid = heapq.heappop(ended)
+            self._drop(sid)
+        opened = self._opened
+        stale = limit - self.ttl_ns
+        while opened and opened[0][0] < stale:
+            _, sid = heapq.heappop(opened)
+            u = self.units.get(sid)
+            if u is not None and u.end is None:  # never ended: a lost settlement or response
+                self._drop(sid)
+                self.stats["units_expired"] += 1
+
+    def _drop(self, sid: str) -> None:
+        u = self.units.pop(sid, None)
+        if u is not None:
+            comp = self._by_comp.get(u.comp)
+            if comp is not None:
+                comp.pop(sid, None)
+                if not comp:
+                    del self._by_comp[u.comp]
