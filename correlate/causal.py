@@ -87,7 +87,9 @@ class Causal:
         lag_ns: int = DEFAULT_LAG_NS,
         recent_ns: int = DEFAULT_RECENT_NS,
         ttl_ns: int = 10 * 60 * 10**9,
+        timing_allowed: Callable[[int], bool] | None = None,
     ) -> None:
+        self._timing_allowed = timing_allowed or (lambda conn: True)
         self._component_of = component_of  # (conn, "client"|"server") -> key
         self._trace = trace_of
         self._alias = alias
@@ -264,7 +266,7 @@ class Causal:
                         matched = narrowed
             if len(matched) == 1:
                 chosen, method = next(iter(matched)), "shared_id"
-        if chosen is None and len(candidates) == 1:
+        if chosen is None and len(candidates) == 1 and self._timing_allowed(first.conn):
             chosen, method = next(iter(candidates)), "timing"
         if chosen is not None:
             unit = self.units[chosen]

@@ -53,12 +53,12 @@ class Correlator:
     def __init__(
         self,
         services: dict[str, str] | None = None,
-        ttl_ns: int = DEFAULT_TTL_NS,
+        ttl_ns: int | None = None,
         options: dict[str, Any] | None = None,
     ) -> None:
         self.identities = Identities(services)
-        self.ttl_ns = ttl_ns
         self.options = dict(options or {})
+        self.ttl_ns = ttl_ns if ttl_ns is not None else int(float(self.options.get("ttl_s", 600)) * 1e9)
         self.causal = Causal(
             self._component_of,
             self.trace,
@@ -66,8 +66,10 @@ class Correlator:
             self._release,
             lag_ns=int(float(self.options.get("lag_ms", DEFAULT_LAG_NS / 1e6)) * 1e6),
             recent_ns=int(float(self.options.get("recent_s", DEFAULT_RECENT_NS / 1e9)) * 1e9),
-            ttl_ns=ttl_ns,
+            ttl_ns=self.ttl_ns,
+            timing_allowed=self._timing_allowed,
         )
+        self._no_timing = set(self.options.get("timing_exclude", []))
         self.conns: dict[int, ConnInfo] = {}
         self._closed: dict[int, int] = {}  # conn -> close ts, for delayed eviction
         self._builders: dict[str, SpanBuilder | None] = {}
@@ -209,6 +211,12 @@ class Correlator:
 
     def client_component(self, info: ConnInfo) -> Component:
         return self.identities.client(info)
+
+    def _timing_allowed(self, conn: int) -> bool:
+        if not self._no_timing:
+            return True
+        info = self.conns.get(conn)
+        return info is None or self.identities.client(info).name not in self._no_timing
 
     def _component_of(self, conn: int, role: str) -> str | None:
         info = self.conns.get(conn)

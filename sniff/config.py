@@ -264,7 +264,9 @@ def from_dict(data: dict[str, Any], source: str = "config") -> Config:
     corr = data.get("correlate", {})
     if not isinstance(corr, dict):
         raise ConfigError("correlate: expected a table [correlate]")
-    cfg.correlate = corr
+    from correlate.options import validate as validate_correlate
+
+    cfg.correlate = validate_correlate(corr)
     return cfg
 
 

@@ -50,7 +50,10 @@ class Runtime:
 
     async def start(self) -> None:
         cfg = self.cfg
+        from correlate import shared_ids
         from sniff.live import LiveExport
+
+        shared_ids.configure(cfg.correlate)
 
         self.live = LiveExport.from_config(cfg) if cfg.export.otlp else None
         listeners_cb = [self.live.on_batch] if self.live is not None else []  # type: ignore[attr-defined]
