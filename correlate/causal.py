@@ -68,10 +68,22 @@ class Call:
     group: Any = None
 
 
+class _Comp:
+    """A component's units: open ones, recently ended ones (by end), and an id index."""
+
+    __slots__ = ("ended", "ids", "open")
+
+    def __init__(self) -> None:
+        self.open: dict[str, Unit] = {}
+        self.ended: dict[str, Unit] = {}  # in the order they ended
+        self.ids: dict[str, set[str]] = {}
+
+
 @dataclass(slots=True)
 class _Group:
     calls: list[Call] = field(default_factory=list)
     comp: str | None = None
+    candidates: set[str] | None = None
 
 
 _UNIT, _END, _CALL, _GROUP_END, _UNIT_IDS = range(5)
@@ -105,7 +117,7 @@ class Causal:
         # identities resolved a little later name them)
         self._ready: list[tuple[int, int, Span]] = []
         self.units: dict[str, Unit] = {}  # span id -> unit
-        self._by_comp: dict[str, dict[str, Unit]] = {}
+        self._by_comp: dict[str, _Comp] = {}
         self._ended: list[tuple[int, str]] = []  # (end ts, span id) heap, for forgetting
         self._opened: list[tuple[int, str]] = []  # (start ts, span id) heap, for the TTL
         self._groups: dict[Any, _Group] = {}
@@ -189,18 +201,29 @@ class Causal:
             if comp is not None:
                 u = Unit(span_id, trace_id, comp, ts, None, ids)
                 self.units[span_id] = u
-                self._by_comp.setdefault(comp, {})[span_id] = u
+                c = self._by_comp.get(comp)
+                if c is None:
+                    c = self._by_comp[comp] = _Comp()
+                c.open[span_id] = u
+                for i in ids:
+                    c.ids.setdefault(i, set()).add(span_id)
                 heapq.heappush(self._opened, (ts, span_id))
             self._done(span_id)
         elif kind == _END:
             u = self.units.get(payload)
             if u is not None and u.end is None:
                 u.end = ts
+                c = self._by_comp[u.comp]
+                c.open.pop(u.span_id, None)
+                c.ended[u.span_id] = u
                 heapq.heappush(self._ended, (ts, u.span_id))
         elif kind == _UNIT_IDS:
             u = self.units.get(payload[0])
             if u is not None:
                 u.ids |= payload[1]
+                index = self._by_comp[u.comp].ids
+                for i in payload[1]:
+                    index.setdefault(i, set()).add(u.span_id)
         elif kind == _CALL:
             call: Call = payload
             if call.decided:
@@ -209,6 +232,11 @@ class Causal:
             elif call.group is not None:
                 g = self._groups.setdefault(call.group, _Group())
                 g.calls.append(call)
+                # what was in flight when this statement ran (notifications come in time order)
+                comp = self._component_of(call.conn, "client")
+                g.comp = comp
+                flight = self._in_flight(comp, call.ts) if comp is not None else set()
+                g.candidates = flight if g.candidates is None else g.candidates & flight
             else:
                 self._decide([call])
                 self._done(call.span.span_id)
@@ -219,7 +247,7 @@ class Causal:
         g = self._groups.pop(group, None)
         if g is None or not g.calls:
             return
-        self._decide(g.calls)
+        self._decide(g.calls, g.candidates)
         for c in g.calls:
             self._done(c.span.span_id)
 
@@ -230,30 +258,43 @@ class Causal:
     # --- the decision ------------------------------------------------------------------------
 
     def _in_flight(self, comp: str, ts: int) -> set[str]:
-        units = self._by_comp.get(comp)
-        if not units:
+        """Units of ``comp`` in flight at ``ts``. Notifications are processed in time
+        order, so that is the open units (that started by ``ts``), plus, for a call
+        reported late, units that ended at or after ``ts``."""
+        c = self._by_comp.get(comp)
+        if c is None:
             return set()
-        return {u.span_id for u in units.values() if u.start <= ts and (u.end is None or u.end >= ts)}
+        out = {sid for sid, u in c.open.items() if u.start <= ts}
+        for u in reversed(c.ended.values()):
+            if u.end is not None and u.end < ts:
+                break
+            if u.start <= ts:
+                out.add(u.span_id)
+        return out
 
     def _id_matches(self, comp: str, ids: frozenset[str], ts: int) -> set[str]:
-        units = self._by_comp.get(comp)
-        if not units or not ids:
+        c = self._by_comp.get(comp)
+        if c is None or not ids:
             return set()
         oldest = ts - self.recent_ns
-        return {u.span_id for u in units.values()
-                if u.start <= ts and (u.end is None or u.end >= oldest) and not u.ids.isdisjoint(ids)}
+        out: set[str] = set()
+        for i in ids:
+            for sid in c.ids.get(i, ()):
+                u = self.units.get(sid)
+                if u is not None and u.start <= ts and (u.end is None or u.end >= oldest):
+                    out.add(sid)
+        return out
 
-    def _decide(self, calls: list[Call]) -> None:
+    def _decide(self, calls: list[Call], group_candidates: set[str] | None = None) -> None:
         first = calls[0]
         comp = self._component_of(first.conn, "client")
-        candidates: set[str] | None = None
         ids: set[str] = set()
         for c in calls:
             ids |= c.ids
-            if comp is not None:
-                now = self._in_flight(comp, c.ts)
-                candidates = now if candidates is None else candidates & now
-        candidates = candidates or set()
+        if group_candidates is not None:
+            candidates = group_candidates
+        else:
+            candidates = self._in_flight(comp, first.ts) if comp is not None else set()
         chosen: str | None = None
         method = "none"
         if comp is not None and ids:
@@ -318,9 +359,18 @@ class Causal:
 
     def _drop(self, sid: str) -> None:
         u = self.units.pop(sid, None)
-        if u is not None:
-            comp = self._by_comp.get(u.comp)
-            if comp is not None:
-                comp.pop(sid, None)
-                if not comp:
-                    del self._by_comp[u.comp]
+        if u is None:
+            return
+        c = self._by_comp.get(u.comp)
+        if c is None:
+            return
+        c.open.pop(sid, None)
+        c.ended.pop(sid, None)
+        for i in u.ids:
+            bucket = c.ids.get(i)
+            if bucket is not None:
+                bucket.discard(sid)
+                if not bucket:
+                    del c.ids[i]
+        if not c.open and not c.ended:
+            del self._by_comp[u.comp]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,14 +24,24 @@ def iter_spans(
     """Yield finished spans in batches while streaming the capture's events."""
     corr = Correlator(services=services, options=options)
     pending: list[Span] = []
-    for ev in reader.events():
-        pending.extend(corr.feed(ev))
-        if len(pending) >= batch:
+    # The correlator keeps a large, long-lived heap of small objects; the default
+    # GC thresholds would walk it again and again (measured: ~30% of the time).
+    old = gc.get_threshold()
+    gc.set_threshold(200_000, 50, 100)
+    try:
+        feed = corr.feed
+        for ev in reader.events():
+            got = feed(ev)
+            if got:
+                pending.extend(got)
+                if len(pending) >= batch:
+                    yield _window(pending, since_ns, until_ns)
+                    pending = []
+        pending.extend(corr.finish())
+        if pending:
             yield _window(pending, since_ns, until_ns)
-            pending = []
-    pending.extend(corr.finish())
-    if pending:
-        yield _window(pending, since_ns, until_ns)
+    finally:
+        gc.set_threshold(*old)
 
 
 def _window(spans: list[Span], since: int | None, until: int | None) -> list[Span]:

@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 need=()
 for pair in wrk:wrk haproxy:haproxy nginx:nginx-light curl:curl mariadb:mariadb-client \
-            mariadb-slap:mariadb-client pgbench:postgresql-contrib openssl:openssl; do
+            mariadb-slap:mariadb-client pgbench:postgresql-contrib openssl:openssl \
+            docker-compose:docker-compose; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
 done

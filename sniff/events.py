@@ -198,10 +198,13 @@ def loads(kind: str, data: bytes | str) -> Event:
         return UnknownEvent(ts=d.get("ts", 0), conn=d.get("conn", 0), original_kind=kind, data=d)
     for name in cls._bytes_fields:
         v = d.get(name)
-        if isinstance(v, str):
+        if v.__class__ is str:
             d[name] = v.encode("latin-1")
-    known = cls.__dataclass_fields__
-    return cls(**{k: v for k, v in d.items() if k in known})
+    try:
+        return cls(**d)
+    except TypeError:  # a field this build does not know (a newer capture): drop it
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 @event("core.unknown")
