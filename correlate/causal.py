@@ -315,6 +315,14 @@ class Causal:
             for c in calls:
                 self._attach(c.span, unit.span_id, trace, method)
             self.stats[method] += len(calls)
+            # what a unit's calls carried is now known to belong to it: an instance
+            # uuid first seen in a request's INSERT ties its later UPDATE to it too
+            learnt = {i for i in ids if not i.startswith("~")} - unit.ids
+            if learnt:
+                unit.ids |= learnt
+                index = self._by_comp[unit.comp].ids
+                for i in learnt:
+                    index.setdefault(i, set()).add(unit.span_id)
             return
         if candidates:
             n = len(candidates)

@@ -98,6 +98,7 @@ def from_headers(headers: Iterable[tuple[str, Any]], out: dict[str, str]) -> Non
         if lk in wanted and v not in (None, ""):
             val = v.decode("utf-8", "replace") if isinstance(v, bytes | bytearray) else str(v)
             out[f"header.{lk}"] = val
+            from_text(val, out, f"header.{lk}")  # "req-<uuid>": the uuid alone matches SQL text too
 
 
 def _walk(obj: Any, out: dict[str, str], depth: int = 0) -> None:
