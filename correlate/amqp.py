@@ -361,15 +361,15 @@ class AmqpSpans:
                 if not od:
                     del table[key]
         while self.rpc:
-            k, v = next(iter(self.rpc.items()))
+            rpc_key, v = next(iter(self.rpc.items()))
             if v[2] >= limit:
                 break
-            del self.rpc[k]
+            del self.rpc[rpc_key]
         while self.awaiting:
-            k2, t = next(iter(self.awaiting.items()))
+            call_key, t = next(iter(self.awaiting.items()))
             if t >= limit:
                 break
-            del self.awaiting[k2]
+            del self.awaiting[call_key]
         if len(self.noack_reply) > 100_000:
             self.noack_reply.clear()
 

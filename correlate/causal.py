@@ -210,20 +210,20 @@ class Causal:
                 heapq.heappush(self._opened, (ts, span_id))
             self._done(span_id)
         elif kind == _END:
-            u = self.units.get(payload)
-            if u is not None and u.end is None:
-                u.end = ts
-                c = self._by_comp[u.comp]
-                c.open.pop(u.span_id, None)
-                c.ended[u.span_id] = u
-                heapq.heappush(self._ended, (ts, u.span_id))
+            ending = self.units.get(payload)
+            if ending is not None and ending.end is None:
+                ending.end = ts
+                comp_units = self._by_comp[ending.comp]
+                comp_units.open.pop(ending.span_id, None)
+                comp_units.ended[ending.span_id] = ending
+                heapq.heappush(self._ended, (ts, ending.span_id))
         elif kind == _UNIT_IDS:
-            u = self.units.get(payload[0])
-            if u is not None:
-                u.ids |= payload[1]
-                index = self._by_comp[u.comp].ids
+            known = self.units.get(payload[0])
+            if known is not None:
+                known.ids |= payload[1]
+                index = self._by_comp[known.comp].ids
                 for i in payload[1]:
-                    index.setdefault(i, set()).add(u.span_id)
+                    index.setdefault(i, set()).add(known.span_id)
         elif kind == _CALL:
             call: Call = payload
             if call.decided:

@@ -71,9 +71,9 @@ def socket_inodes(pairs: list[tuple[tuple[str, int], tuple[str, int]]]) -> dict[
                     parts = line.split()
                     if len(parts) < 10:
                         continue
-                    i = wanted.get((parts[1], parts[2]))
-                    if i is not None and parts[9] != "0":
-                        found[i] = int(parts[9])
+                    idx = wanted.get((parts[1], parts[2]))
+                    if idx is not None and parts[9] != "0":
+                        found[idx] = int(parts[9])
         except OSError:
             continue
     return found

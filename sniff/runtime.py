@@ -14,12 +14,15 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from sniff import __version__, registry
 from sniff.config import Config
 from sniff.relay import Listener, ListenError
-from sniff.store import CaptureWriter
+from sniff.store import BatchListener, CaptureWriter
+
+if TYPE_CHECKING:
+    from sniff.live import LiveExport
 
 log = logging.getLogger("sniff")
 
@@ -39,7 +42,7 @@ class Runtime:
         self.out = out
         self.writer: CaptureWriter | None = None
         self.listeners: list[Listener] = []
-        self.live: object | None = None
+        self.live: LiveExport | None = None
         self.resolver: Any = None
         self._stop: asyncio.Event | None = None
         self._upstream_task: asyncio.Task[None] | None = None
@@ -56,7 +59,7 @@ class Runtime:
         shared_ids.configure(cfg.correlate)
 
         self.live = LiveExport.from_config(cfg) if cfg.export.otlp else None
-        listeners_cb = [self.live.on_batch] if self.live is not None else []  # type: ignore[attr-defined]
+        listeners_cb: list[BatchListener] = [self.live.on_batch] if self.live is not None else []
         self.writer = CaptureWriter(cfg.capture, cfg.capture_queue, on_batch=listeners_cb)
         if cfg.identify_processes:
             from sniff.procinfo import ProcResolver
@@ -100,7 +103,7 @@ class Runtime:
         if self.writer is not None:
             self.writer.close()
         if self.live is not None:
-            self.live.close()  # type: ignore[attr-defined]
+            self.live.close()
 
     async def serve(self, on_ready: Callable[[], None] | None = None) -> int:
         self._stop = asyncio.Event()

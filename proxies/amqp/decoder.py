@@ -32,6 +32,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
+from pamqp import base as pamqp_base
 from pamqp import frame as pamqp_frame
 
 from proxies.amqp.events import (
@@ -528,6 +529,8 @@ class AmqpDecoder:
             _, _, method = pamqp_frame.unmarshal(bytes(p[start - 7 : end + 1]))
         except Exception as e:  # pamqp raises several types for bad input
             raise _ProtoErr(f"undecodable method {idx >> 16}.{idx & 0xFFFF}: {e}") from None
+        if not isinstance(method, pamqp_base.Frame):
+            raise _ProtoErr(f"a method frame that decodes as {type(method).__name__}")
         name = method.name
         args: dict[str, Any] = dict(method)
         for secret in _SECRET_FIELDS.get(idx, ()):
