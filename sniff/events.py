@@ -191,9 +191,9 @@ def event_class(kind: str) -> type[Event] | None:
     return cls
 
 
-def loads(kind: str, data: bytes | str) -> Event:
+def loads(kind: str, data: bytes | str | dict[str, Any]) -> Event:
     cls = event_class(kind)
-    d = orjson.loads(data)
+    d = data if isinstance(data, dict) else orjson.loads(data)
     if cls is None:
         return UnknownEvent(ts=d.get("ts", 0), conn=d.get("conn", 0), original_kind=kind, data=d)
     for name in cls._bytes_fields:

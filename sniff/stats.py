@@ -46,7 +46,7 @@ def collect(reader: CaptureReader, services: dict[str, str] | None = None) -> di
             by_service[name][kind] += n
             conns_by_service[name].add(conn)
             proto_of_service[name].add(info.protocol)
-    span = reader.db.execute("SELECT min(ts), max(ts) FROM events").fetchone()
+    span = reader.time_range()
     return {
         "meta": meta,
         "events": sum(by_kind.values()),

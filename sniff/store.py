@@ -3,52 +3,76 @@
 Strategy. ``emit`` is the only thing the proxies call: a length check and a
 ``deque.append`` (atomic under the GIL), nothing else, so telemetry never waits
 on disk. When the deque holds ``max_queue`` events, new ones are dropped and
-counted; traffic never slows. A writer thread wakes every ``interval`` seconds,
-drains the deque, serialises with orjson and inserts the batch in one
-transaction, then hands the same batch to the ``on_batch`` listeners (the live
-correlator and exporters), so they also run off the event loop.
+counted; traffic never slows. A writer thread wakes every ``interval``
+seconds, drains the deque, runs each event's off-hot-path ``prepare()``, and
+writes the whole batch as ONE row: a JSON array of ``[kind, event]`` pairs in
+time order. A row per event cost 10-18 us of SQLite work each (measured here);
+a row per batch costs a fraction of a microsecond per event and keeps the
+writer from competing with the proxies for the GIL. The same batch then goes
+to the ``on_batch`` listeners (the live correlator and exporter).
 
-Schema (``format_version`` 1)::
+Schema (``format_version`` 2)::
 
-    events(id INTEGER PRIMARY KEY, ts INTEGER, conn INTEGER, kind TEXT, data TEXT)
+    chunks(id INTEGER PRIMARY KEY, ts_min INTEGER, ts_max INTEGER, n INTEGER, data TEXT)
+    counts(kind TEXT, conn INTEGER, n INTEGER)      -- events per kind and connection
     meta(key TEXT PRIMARY KEY, value TEXT)
+    VIEW events(id, ts, conn, kind, data)           -- one row per event, for SQL aggregates
 
-``data`` is the whole event as JSON (see :mod:`sniff.events`).
+Readers stream chunks in ``ts_min`` order and merge overlapping ones, so events
+come out in timestamp order even from merged captures. The ``events`` view lets
+SQL (``json_extract(data, '$.field')``) aggregate over events without Python.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import socket
 import sqlite3
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from sniff import __version__
-from sniff.events import Event, dumps, loads
+from sniff.events import Event, _default, loads
 
 log = logging.getLogger("sniff.store")
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
+CREATE TABLE IF NOT EXISTS chunks (
     id INTEGER PRIMARY KEY,
-    ts INTEGER NOT NULL,
-    conn INTEGER NOT NULL,
-    kind TEXT NOT NULL,
+    ts_min INTEGER NOT NULL,
+    ts_max INTEGER NOT NULL,
+    n INTEGER NOT NULL,
     data TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS events_ts ON events(ts);
+CREATE INDEX IF NOT EXISTS chunks_ts ON chunks(ts_min);
+CREATE TABLE IF NOT EXISTS counts (
+    kind TEXT NOT NULL,
+    conn INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (kind, conn)
+);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE VIEW IF NOT EXISTS events(id, ts, conn, kind, data) AS
+    SELECT c.id * 1000000 + j.key,
+           json_extract(j.value, '$[1].ts'),
+           json_extract(j.value, '$[1].conn'),
+           json_extract(j.value, '$[0]'),
+           json_extract(j.value, '$[1]')
+    FROM chunks c, json_each(c.data) j;
 """
 
 BatchListener = Callable[[list[Event]], None]
+MAX_CHUNK = 20_000
 
 
 def _connect(path: str | Path) -> sqlite3.Connection:
@@ -57,6 +81,20 @@ def _connect(path: str | Path) -> sqlite3.Connection:
     db.execute("PRAGMA synchronous=NORMAL")
     db.executescript(_SCHEMA)
     return db
+
+
+def encode_chunk(batch: list[Event]) -> tuple[str, int, int]:
+    """A batch as a JSON array of ``[kind, event]`` in time order: (text, ts_min, ts_max).
+
+    One orjson call for the whole batch: per call, orjson spends ~4 us introspecting
+    a dataclass; over a list that cost is shared (measured 5.7 -> 1.9 us per event)."""
+    batch.sort(key=_ts)
+    data = orjson.dumps([[ev.kind, ev] for ev in batch], default=_default)
+    return data.decode(), batch[0].ts, batch[-1].ts
+
+
+def _ts(ev: Event) -> int:
+    return ev.ts
 
 
 class CaptureWriter:
@@ -94,11 +132,12 @@ class CaptureWriter:
 
     def _set_meta_initial(self) -> None:
         existing = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
-        rows = {
-            "format_version": FORMAT_VERSION,
-            "sniff_version": __version__,
-            "host": socket.gethostname(),
-        }
+        if existing.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+            raise ValueError(
+                f"{self.path}: a capture in format {existing['format_version']}; "
+                f"this sniff writes format {FORMAT_VERSION}: choose a new capture file"
+            )
+        rows = {"format_version": FORMAT_VERSION, "sniff_version": __version__, "host": socket.gethostname()}
         if "started_ns" not in existing:
             rows["started_ns"] = str(time.time_ns())
         rows["pid"] = str(os.getpid())
@@ -123,7 +162,7 @@ class CaptureWriter:
     def _drain(self) -> None:
         q = self._q
         while q:
-            n = min(len(q), 20_000)
+            n = min(len(q), MAX_CHUNK)
             batch = [q.popleft() for _ in range(n)]
             for ev in batch:
                 if ev.needs_prepare:
@@ -132,11 +171,7 @@ class CaptureWriter:
                     except Exception:
                         log.exception("capture: preparing a %s event failed", ev.kind)
             try:
-                rows = [(ev.ts, ev.conn, ev.kind, dumps(ev).decode()) for ev in batch]
-                with self._db:
-                    self._db.executemany(
-                        "INSERT INTO events(ts, conn, kind, data) VALUES (?, ?, ?, ?)", rows
-                    )
+                self._write(batch)
                 self.written += n
             except Exception:
                 log.exception("capture: failed to write %d events to %s", n, self.path)
@@ -145,6 +180,19 @@ class CaptureWriter:
                     listener(batch)
                 except Exception:
                     log.exception("capture: batch listener %r failed", listener)
+
+    def _write(self, batch: list[Event]) -> None:
+        data, ts_min, ts_max = encode_chunk(batch)
+        counts = Counter((ev.kind, ev.conn) for ev in batch)
+        with self._db:
+            self._db.execute(
+                "INSERT INTO chunks(ts_min, ts_max, n, data) VALUES (?, ?, ?, ?)", (ts_min, ts_max, len(batch), data)
+            )
+            self._db.executemany(
+                "INSERT INTO counts(kind, conn, n) VALUES (?, ?, ?) "
+                "ON CONFLICT(kind, conn) DO UPDATE SET n = n + excluded.n",
+                [(k, c, n) for (k, c), n in counts.items()],
+            )
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until everything emitted so far is written (for tests and shutdown)."""
@@ -176,52 +224,81 @@ class CaptureReader:
         self.path = str(p)
         self.db = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
         try:
-            self.db.execute("SELECT 1 FROM events LIMIT 1")
+            self.db.execute("SELECT 1 FROM chunks LIMIT 1")
         except sqlite3.DatabaseError as e:
-            raise ValueError(f"{p}: not a sniff capture ({e})") from None
+            raise ValueError(f"{p}: not a sniff capture in format {FORMAT_VERSION} ({e})") from None
 
     def meta(self) -> dict[str, str]:
         return dict(self.db.execute("SELECT key, value FROM meta").fetchall())
 
     def count(self) -> int:
-        return int(self.db.execute("SELECT count(*) FROM events").fetchone()[0])
+        return int(self.db.execute("SELECT coalesce(sum(n), 0) FROM chunks").fetchone()[0])
 
-    def events(
-        self,
-        since_ns: int | None = None,
-        until_ns: int | None = None,
-        kinds: list[str] | None = None,
-        batch: int = 10_000,
-    ) -> Iterator[Event]:
-        sql = "SELECT kind, data FROM events"
+    def time_range(self) -> tuple[int | None, int | None]:
+        row = self.db.execute("SELECT min(ts_min), max(ts_max) FROM chunks").fetchone()
+        return row[0], row[1]
+
+    def raw(
+        self, since_ns: int | None = None, until_ns: int | None = None, kinds: list[str] | None = None
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(kind, fields) in timestamp order, without building event objects."""
+        sql = "SELECT ts_min, data FROM chunks"
         where: list[str] = []
         args: list[Any] = []
         if since_ns is not None:
-            where.append("ts >= ?")
+            where.append("ts_max >= ?")
             args.append(since_ns)
         if until_ns is not None:
-            where.append("ts <= ?")
+            where.append("ts_min <= ?")
             args.append(until_ns)
-        if kinds:
-            where.append(f"kind IN ({','.join('?' * len(kinds))})")
-            args.extend(kinds)
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY ts, id"
+        sql += " ORDER BY ts_min, id"
+        wanted = set(kinds) if kinds else None
+        # Chunks are sorted inside. Most do not overlap the next one and are yielded
+        # as they are; where they do (a late event, merged captures), the events not
+        # yet safe to yield wait in a heap until the next chunk's ts_min passes them.
+        heap: list[tuple[int, int, str, dict[str, Any]]] = []
+        seq = 0
         cur = self.db.execute(sql, args)
-        while True:
-            rows = cur.fetchmany(batch)
-            if not rows:
-                return
-            for kind, data in rows:
-                yield loads(kind, data)
+        row = cur.fetchone()
+        while row is not None:
+            nxt = cur.fetchone()
+            boundary = nxt[0] if nxt is not None else None
+            items = orjson.loads(row[1])
+            if not heap and (boundary is None or items[-1][1].get("ts", 0) < boundary):
+                for kind, d in items:  # the fast path: nothing to merge with
+                    if wanted is not None and kind not in wanted:
+                        continue
+                    if since_ns is not None or until_ns is not None:
+                        ts = d.get("ts", 0)
+                        if (since_ns is not None and ts < since_ns) or (until_ns is not None and ts > until_ns):
+                            continue
+                    yield kind, d
+            else:
+                for kind, d in items:
+                    if wanted is not None and kind not in wanted:
+                        continue
+                    ts = d.get("ts", 0)
+                    if (since_ns is not None and ts < since_ns) or (until_ns is not None and ts > until_ns):
+                        continue
+                    heapq.heappush(heap, (ts, seq, kind, d))
+                    seq += 1
+                while heap and (boundary is None or heap[0][0] < boundary):
+                    _, _, kind, d = heapq.heappop(heap)
+                    yield kind, d
+            row = nxt
+
+    def events(
+        self, since_ns: int | None = None, until_ns: int | None = None, kinds: list[str] | None = None
+    ) -> Iterator[Event]:
+        for kind, d in self.raw(since_ns, until_ns, kinds):
+            yield loads(kind, d)
 
     def kind_counts_by_conn(self) -> list[tuple[str, int, int]]:
         return [
             (k, int(c), int(n))
-            for k, c, n in self.db.execute(
-                "SELECT kind, conn, count(*) FROM events GROUP BY kind, conn"
-            ).fetchall()
+            for k, c, n in self.db.execute("SELECT kind, conn, n FROM counts").fetchall()
         ]
 
     def close(self) -> None:
@@ -245,14 +322,16 @@ def merge(inputs: list[str | Path], output: str | Path) -> int:
         hosts.append(m.get("host", "?"))
         if "started_ns" in m:
             started.append(int(m["started_ns"]))
+        total += r.count()
         r.close()
         alias = f"src{i}"
         db.execute(f"ATTACH DATABASE ? AS {alias}", (str(src),))
         with db:
-            cur = db.execute(
-                f"INSERT INTO events(ts, conn, kind, data) SELECT ts, conn, kind, data FROM {alias}.events"
+            db.execute(f"INSERT INTO chunks(ts_min, ts_max, n, data) SELECT ts_min, ts_max, n, data FROM {alias}.chunks")
+            db.execute(
+                f"INSERT INTO counts(kind, conn, n) SELECT kind, conn, n FROM {alias}.counts WHERE true "
+                "ON CONFLICT(kind, conn) DO UPDATE SET n = n + excluded.n"
             )
-            total += cur.rowcount
         db.execute(f"DETACH DATABASE {alias}")
     db.executemany(
         "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
