@@ -259,7 +259,8 @@ class Correlator:
 
     def _take(self) -> list[Span]:
         out = self._out
-        if out:
-            self._out = []
-            self.stats["spans"] += len(out)
+        if not out:
+            return []  # never hand out the internal list: callers may keep and extend it
+        self._out = []
+        self.stats["spans"] += len(out)
         return out

@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 need=()
 for pair in wrk:wrk haproxy:haproxy nginx:nginx-light curl:curl mariadb:mariadb-client \
             mariadb-slap:mariadb-client pgbench:postgresql-contrib openssl:openssl \
-            docker-compose:docker-compose; do
+            docker-compose:docker-compose mariadbd:mariadb-server \
+            mariadb_config:libmariadb-dev gcc:gcc runuser:util-linux; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
 done

@@ -168,6 +168,7 @@ class _Side(asyncio.Protocol):
 class RelayConnection:
     __slots__ = (
         "_early",
+        "_early_s",
         "_paused_by_c",
         "_paused_by_s",
         "c_eof",
@@ -191,6 +192,9 @@ class RelayConnection:
         self.handler: Handler | None = None
         self.ctx: ConnContext | None = None
         self._early: list[bytes] = []
+        # server bytes that arrive before the handler exists (MySQL's greeting: the server
+        # speaks first, and the loop may deliver it before _connect_upstream resumes)
+        self._early_s: list[bytes] = []
         self.n_c2s = 0
         self.n_s2c = 0
         self.c_eof = False
@@ -246,8 +250,8 @@ class RelayConnection:
         if self.closed:  # the client gave up while we were connecting
             transport.close()
             return
-        self.s_t = transport  # type: ignore[assignment]
-        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)  # type: ignore[attr-defined]
+        self.s_t = transport
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         conn_id = new_conn_id()
         sock = self.c_t.get_extra_info("sockname") or (cfg.listen.host, cfg.listen.port)
         srv = transport.get_extra_info("peername") or (cfg.upstream.host, cfg.upstream.port)
@@ -290,6 +294,12 @@ class RelayConnection:
         early, self._early = self._early, []
         for chunk in early:
             self.from_client(chunk)
+        early, self._early_s = self._early_s, []
+        for chunk in early:
+            if chunk:
+                self.from_server(chunk)
+            else:  # the server's EOF came early too, after its bytes
+                self.eof(False)
         if self.c_eof:
             self.eof(True)
         elif not self.closed:
@@ -324,6 +334,8 @@ class RelayConnection:
         h = self.handler
         c_t = self.c_t
         if h is None or c_t is None:
+            if c_t is not None and not self.closed:
+                self._early_s.append(data)
             return
         self.n_s2c += len(data)
         if not h.observe:
@@ -427,6 +439,9 @@ class RelayConnection:
 
     def eof(self, is_client: bool) -> bool:
         """Half-close: pass the EOF on; close once both directions have ended."""
+        if not is_client and self.handler is None and self.c_t is not None and not self.closed:
+            self._early_s.append(b"")  # replayed in order once the handler exists
+            return True
         if self.first_eof is None:
             self.first_eof = "client" if is_client else "server"
         if is_client:

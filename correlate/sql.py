@@ -1,0 +1,268 @@
+"""SQL events (MySQL/MariaDB and PostgreSQL) -> CLIENT spans.
+
+A ``mysql.query`` / ``postgres.query`` event is one statement execution with
+its response already complete, so each becomes one CLIENT span at once, from
+the command to the end of the response; no pairing state is kept here. Other
+MySQL commands (``mysql.command``: COM_PING, COM_INIT_DB, COM_STMT_PREPARE,
+COM_STMT_FETCH, COM_CHANGE_USER...) become CLIENT spans too, except the ones
+the server never answers (COM_QUIT, COM_STMT_CLOSE). ``mysql.connect`` (the
+login) is not a span: a failed login shows in ``sniff stats``.
+
+Names and attributes follow the stable OpenTelemetry database conventions:
+the span is named by ``db.query.summary`` (``SELECT instances``), and carries
+``db.system.name``, ``db.namespace``, ``db.operation.name``,
+``db.collection.name`` (only when the statement touches exactly one table, as
+the conventions ask), ``db.query.text`` (literals replaced by ``?`` unless the
+proxy keeps them), ``db.query.summary``, ``db.response.status_code`` (the
+MySQL error number or PostgreSQL SQLSTATE, set on errors),
+``db.response.returned_rows``, ``db.operation.batch.size`` for multi-statement
+packets, ``server.*``, ``network.peer.*``, plus sniff's own
+``sniff.db.rows_affected``, ``sniff.db.tables`` and the client's identity
+(``sniff.db.user``; the component itself is the span's service). An error sets
+the span status to ERROR with the server's message.
+
+Trace and parent. A statement that carries an application's ``traceparent``
+(its own sqlcommenter comment) is that span's child (``propagated``). A
+statement sniff tagged itself (``sqlcommenter = true``) keeps the trace id it
+put on the wire, so the database's logs name the right trace. Otherwise the
+trace id is derived from the span id, so the same capture always gives the
+same traces. Every statement is then reported to the causal stage as a *call*
+of its client component (with the shared ids found in its text, such as
+UUIDs), which attaches it to the unit of work that caused it when it can tell;
+the statements of one transaction are decided together (``transaction`` on
+the event, from the server's in-transaction status).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING, Any
+
+from correlate import shared_ids
+from correlate.model import Span
+from exporters import semconv as sc
+from proxies.sql.events import SqlStatement
+from sniff.events import Event
+from sniff.ids import parse_traceparent
+
+if TYPE_CHECKING:
+    from correlate.engine import Correlator
+    from correlate.identity import ConnInfo
+
+# a transaction that never ends (an idle-in-transaction pooled connection) is
+# decided in slices, so its statements' spans are not held back indefinitely
+TXN_MAX_NS = 30 * 10**9
+TXN_MAX_STATEMENTS = 500
+_NO_SPAN = frozenset({"COM_QUIT", "COM_STMT_CLOSE", "COM_STMT_SEND_LONG_DATA"})
+_TEXT_MAX = 32 * 1024  # db.query.text longer than this is cut (exporters reject huge attributes)
+
+
+def derived_trace_id(span_id: str) -> str:
+    """A stable trace id for a root span that has none on the wire."""
+    return hashlib.blake2b(span_id.encode("ascii", "replace"), digest_size=16).hexdigest()
+
+
+class _Txn:
+    __slots__ = ("key", "last", "n", "start")
+
+    def __init__(self, key: tuple[int, int, int], start: int) -> None:
+        self.key = key
+        self.start = start
+        self.last = start  # end of its latest statement
+        self.n = 0
+
+
+class SqlSpans:
+    def __init__(self, engine: Correlator) -> None:
+        self.e = engine
+        # (conn, transaction number) -> the causal group its statements go to
+        self.txns: dict[tuple[int, int], _Txn] = {}
+
+    # --- dispatch ------------------------------------------------------------------------
+
+    def feed(self, ev: Event) -> None:
+        if isinstance(ev, SqlStatement):
+            self._statement(ev)
+        elif ev.kind == "mysql.command":
+            self._command(ev)
+
+    # --- statements ----------------------------------------------------------------------
+
+    def _common(self, info: ConnInfo | None, ev: Any) -> dict[str, Any]:
+        system = ev.db_system or ("postgresql" if ev.protocol == "postgres" else "mysql")
+        a: dict[str, Any] = {sc.DB_SYSTEM_NAME: system, sc.SNIFF_CONN: ev.conn}
+        if ev.database:
+            a[sc.DB_NAMESPACE] = ev.database
+        if info is not None:
+            a[sc.SERVER_ADDRESS] = info.server_addr
+            a[sc.SERVER_PORT] = info.server_port
+            a[sc.NETWORK_PEER_ADDRESS] = info.server_addr
+            a[sc.NETWORK_PEER_PORT] = info.server_port
+            a[sc.CLIENT_ADDRESS] = info.client_addr
+            a[sc.CLIENT_PORT] = info.client_port
+            a[sc.PEER_SERVICE] = info.proxy
+            login = info.identity.get("mysql.login") or info.identity.get("postgres.startup")
+            if login and login.get("user"):
+                a[sc.SNIFF_DB_USER] = login["user"]
+        if ev.status == "error":
+            code = ev.error_code
+            if code:
+                a[sc.DB_RESPONSE_STATUS_CODE] = str(code)
+            a[sc.ERROR_TYPE] = str(code) if code else "error"
+        return a
+
+    def _statement(self, ev: SqlStatement) -> None:
+        if not ev.operation:  # not prepared (a hand-built event): analyse now
+            ev.prepare()
+        info = self.e.conn(ev.conn)
+        service, resource = self.e.service(info)
+        a = self._common(info, ev)
+        op = ev.operation or ev.command
+        a[sc.DB_OPERATION_NAME] = op
+        if ev.tables:
+            if len(ev.tables) == 1:
+                a[sc.DB_COLLECTION_NAME] = ev.tables[0]
+            a[sc.SNIFF_DB_TABLES] = list(ev.tables)
+        text = ev.text if len(ev.text) <= _TEXT_MAX else ev.text[:_TEXT_MAX] + "..."
+        a[sc.DB_QUERY_TEXT] = text
+        summary = ev.summary or op
+        a[sc.DB_QUERY_SUMMARY] = summary
+        if ev.rows_returned is not None:
+            a[sc.DB_RESPONSE_RETURNED_ROWS] = ev.rows_returned
+        if ev.rows_affected is not None:
+            a[sc.SNIFF_DB_ROWS_AFFECTED] = ev.rows_affected
+        if ev.batch_size and ev.batch_size > 1:
+            a[sc.DB_OPERATION_BATCH_SIZE] = ev.batch_size
+            a[sc.SNIFF_DB_BATCH_INDEX] = ev.batch
+        if ev.statement_id is not None:
+            a[sc.SNIFF_DB_STATEMENT_ID] = ev.statement_id
+        if ev.warnings:
+            a[sc.SNIFF_DB_WARNINGS] = ev.warnings
+        if ev.truncated:
+            a[sc.SNIFF_DB_QUERY_TRUNCATED] = True
+        if ev.params:
+            for i, v in enumerate(ev.params):
+                a[f"{sc.DB_QUERY_PARAMETER_PREFIX}{i}"] = "NULL" if v is None else v
+        a[sc.SNIFF_DB_COMMAND] = ev.command
+        extra = getattr(ev, "infile_bytes", None)
+        if extra is not None:
+            a[sc.SNIFF_DB_INFILE_BYTES] = extra
+        trace_id, parent = self._trace(ev)
+        if parent is not None:
+            a[sc.SNIFF_CORRELATION_METHOD] = "propagated"
+            a[sc.SNIFF_CORRELATION_CONFIDENCE] = 1.0
+        if ev.traceparent and (ev.injected or parent is None):
+            a[sc.SNIFF_INJECTED] = bool(ev.injected) or _is_own(ev)
+        span = Span(
+            trace_id,
+            ev.span_id,
+            parent,
+            summary,
+            "CLIENT",
+            ev.ts,
+            max(ev.ts, ev.ts_end),
+            service,
+            a,
+            resource,
+            conn=ev.conn,
+        )
+        if ev.status == "error":
+            span.status = "ERROR"
+            span.status_message = ev.error_message or f"error {ev.error_code}"
+        group = self._group(ev) if parent is None else None
+        self.e.causal.call(
+            span, ev.conn, ev.ts, shared_ids.values(ev.ids), decided=parent is not None, group=group
+        )
+        if group is not None and ev.transaction_end:
+            self.txns.pop((ev.conn, ev.transaction or 0), None)
+            self.e.causal.group_end(group, max(ev.ts, ev.ts_end))
+        self.e.emit(span)
+
+    def _trace(self, ev: SqlStatement) -> tuple[str, str | None]:
+        """(trace id, parent span id) from the statement's own wire context."""
+        wire = parse_traceparent(ev.traceparent)
+        if wire is not None:
+            if ev.injected or wire[1] == ev.span_id:  # sniff's own tag names this span
+                return wire[0], None
+            return wire[0], wire[1]  # the application's context: this span is its child
+        if ev.trace_id:
+            return ev.trace_id, None
+        return derived_trace_id(ev.span_id), None
+
+    def _group(self, ev: SqlStatement) -> Any:
+        if ev.transaction is None:
+            return None
+        key = (ev.conn, ev.transaction)
+        t = self.txns.get(key)
+        if t is None:
+            t = self.txns[key] = _Txn((ev.conn, ev.transaction, 0), ev.ts)
+        elif t.n >= TXN_MAX_STATEMENTS or ev.ts - t.start > TXN_MAX_NS:
+            self.e.causal.group_end(t.key, ev.ts)  # decide a never-ending transaction in slices
+            t = self.txns[key] = _Txn((ev.conn, ev.transaction, t.key[2] + 1), ev.ts)
+        t.n += 1
+        t.last = max(t.last, ev.ts_end)
+        return t.key
+
+    # --- other commands ------------------------------------------------------------------
+
+    def _command(self, ev: Any) -> None:
+        if ev.command in _NO_SPAN:
+            return
+        info = self.e.conn(ev.conn)
+        service, resource = self.e.service(info)
+        a = self._common(info, ev)
+        name = ev.command[4:] if ev.command.startswith("COM_") else ev.command
+        a[sc.DB_OPERATION_NAME] = name
+        a[sc.SNIFF_DB_COMMAND] = ev.command
+        if ev.statement_id is not None:
+            a[sc.SNIFF_DB_STATEMENT_ID] = ev.statement_id
+        if ev.text:
+            if ev.command == "COM_STMT_PREPARE":
+                a[sc.DB_QUERY_TEXT] = ev.text[:_TEXT_MAX]
+            elif ev.command == "COM_FIELD_LIST":
+                a[sc.DB_COLLECTION_NAME] = ev.text
+            elif ev.command == "COM_INIT_DB":
+                a[sc.DB_NAMESPACE] = ev.text
+        if ev.rows_returned is not None:
+            a[sc.DB_RESPONSE_RETURNED_ROWS] = ev.rows_returned
+        span = Span(
+            derived_trace_id(ev.span_id),
+            ev.span_id,
+            None,
+            name,
+            "CLIENT",
+            ev.ts,
+            max(ev.ts, ev.ts_end),
+            service,
+            a,
+            resource,
+            conn=ev.conn,
+        )
+        if ev.status == "error":
+            span.status = "ERROR"
+            span.status_message = ev.error_message or f"error {ev.error_code}"
+        self.e.causal.call(span, ev.conn, ev.ts, None, decided=False)
+        self.e.emit(span)
+
+    # --- endings -------------------------------------------------------------------------
+
+    def _end_txns(self, match: Any, ts: int | None = None) -> None:
+        for key in [k for k in self.txns if match(k)]:
+            t = self.txns.pop(key)
+            self.e.causal.group_end(t.key, t.last if ts is None else max(ts, t.last))
+
+    def conn_closed(self, info: ConnInfo, ts: int, reason: str) -> None:
+        self._end_txns(lambda k: k[0] == info.conn, ts)
+
+    def expire(self, now: int) -> None:
+        if self.txns:  # decided as of their last statement, which is in the past
+            limit = now - TXN_MAX_NS
+            self._end_txns(lambda k: self.txns[k].last < limit)
+
+    def flush(self, now: int) -> None:
+        self._end_txns(lambda k: True, now)
+
+
+def _is_own(ev: SqlStatement) -> bool:
+    wire = parse_traceparent(ev.traceparent)
+    return wire is not None and wire[1] == ev.span_id
