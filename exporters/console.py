@@ -55,7 +55,7 @@ def _details(s: Span) -> str:
     if sc.HTTP_REQUEST_METHOD in a and a.get(sc.HTTP_RESPONSE_STATUS_CODE) is not None:
         bits.append(f"status={a[sc.HTTP_RESPONSE_STATUS_CODE]}")
     method = a.get(sc.SNIFF_CORRELATION_METHOD)
-    if method and method not in ("propagated", "paired"):
+    if method and method not in ("propagated", "paired", "none"):
         conf = a.get(sc.SNIFF_CORRELATION_CONFIDENCE)
         bits.append(f"via {method}" + (f" ({conf:.2f})" if isinstance(conf, float) else ""))
     if s.links and s.parent_id is None:

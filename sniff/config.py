@@ -82,6 +82,8 @@ class Config:
     services: dict[str, str] = field(default_factory=dict)
     # resolve the local process behind loopback peers (/proc) and reverse DNS of others
     identify_processes: bool = True
+    # capture, identity, correlation and export in a separate low-priority process
+    capture_process: bool = True
     # correlator options, validated by correlate/ (kept as raw table here)
     correlate: dict[str, Any] = field(default_factory=dict)
 
@@ -196,7 +198,7 @@ def _proxy_from_table(t: dict[str, Any], key: str) -> ProxyConfig:
 
 
 _TOP_KEYS = {"capture", "capture_queue", "log_level", "proxy", "export", "services", "correlate",
-             "identify_processes"}
+             "identify_processes", "capture_process"}
 
 
 def from_dict(data: dict[str, Any], source: str = "config") -> Config:
@@ -221,6 +223,8 @@ def from_dict(data: dict[str, Any], source: str = "config") -> Config:
         cfg.log_level = lvl
     if "identify_processes" in data:
         cfg.identify_processes = _check_type(data["identify_processes"], bool, "identify_processes")
+    if "capture_process" in data:
+        cfg.capture_process = _check_type(data["capture_process"], bool, "capture_process")
     proxies = data.get("proxy", [])
     if isinstance(proxies, dict):
         raise ConfigError("proxy: write each proxy as [[proxy]] (an array of tables), not [proxy]")

@@ -100,6 +100,8 @@ class ConnOpen(Event):
     server_port: int
     listen_addr: str
     listen_port: int
+    upstream_local_port: int = 0  # our end of the upstream connection (finds the server's process)
+    upstream_local_addr: str = ""
 
 
 @event("core.conn_close")

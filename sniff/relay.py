@@ -29,7 +29,6 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
 from typing import Protocol as TypingProtocol
 
 from sniff.config import Address, ProxyConfig
@@ -45,15 +44,6 @@ from sniff.events import (
 )
 
 log = logging.getLogger("sniff.relay")
-
-# Set by the runtime: resolves the local process (or reverse DNS name) at each
-# end of every connection, off the event loop (see sniff.procinfo).
-_identity_resolver: Any = None
-
-
-def set_identity_resolver(resolver: Any) -> None:
-    global _identity_resolver
-    _identity_resolver = resolver
 
 WRITE_HIGH_WATER = 1024 * 1024
 WRITE_LOW_WATER = 256 * 1024
@@ -255,6 +245,7 @@ class RelayConnection:
         conn_id = new_conn_id()
         sock = self.c_t.get_extra_info("sockname") or (cfg.listen.host, cfg.listen.port)
         srv = transport.get_extra_info("peername") or (cfg.upstream.host, cfg.upstream.port)
+        ours = transport.get_extra_info("sockname")  # our end of the upstream connection
         self.ctx = ConnContext(
             self,
             conn_id,
@@ -276,15 +267,11 @@ class RelayConnection:
                 int(srv[1]),
                 str(sock[0]),
                 int(sock[1]),
+                int(ours[1]) if ours else 0,
+                str(ours[0]) if ours else "",
             )
         )
         lst.total += 1
-        resolver = _identity_resolver
-        if resolver is not None:
-            ours = transport.get_extra_info("sockname")
-            resolver.request(conn_id, "client", client, (str(sock[0]), int(sock[1])))
-            if ours:
-                resolver.request(conn_id, "server", (str(srv[0]), int(srv[1])), (str(ours[0]), int(ours[1])))
         try:
             self.handler = lst.handler_factory(self.ctx)
         except Exception as e:  # a handler that cannot start: relay plainly

@@ -14,9 +14,11 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from sniff import __version__, registry
+from sniff.capture_proc import CaptureShipper
 from sniff.config import Config
 from sniff.relay import Listener, ListenError
 from sniff.store import BatchListener, CaptureWriter
@@ -40,33 +42,42 @@ class Runtime:
     def __init__(self, cfg: Config, out: TextIO = sys.stdout) -> None:
         self.cfg = cfg
         self.out = out
-        self.writer: CaptureWriter | None = None
+        self.writer: CaptureShipper | CaptureWriter | None = None
         self.listeners: list[Listener] = []
         self.live: LiveExport | None = None
-        self.resolver: Any = None
         self._stop: asyncio.Event | None = None
-        self._upstream_task: asyncio.Task[None] | None = None
 
     def request_stop(self) -> None:
         if self._stop is not None:
             self._stop.set()
 
+    def _capture_settings(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "capture": str(Path(cfg.capture).resolve()),
+            "log_level": cfg.log_level,
+            "identify_processes": cfg.identify_processes,
+            "services": cfg.services,
+            "correlate": cfg.correlate,
+            "otlp": cfg.export.otlp,
+            "otlp_headers": cfg.export.otlp_headers,
+        }
+
     async def start(self) -> None:
         cfg = self.cfg
         from correlate import shared_ids
-        from sniff.live import LiveExport
 
         shared_ids.configure(cfg.correlate)
+        if cfg.capture_process:
+            # capture, identity, correlation and export in a child process (see sniff.capture_proc)
+            self.writer = CaptureShipper(self._capture_settings(), cfg.capture_queue)
+        else:
+            from sniff.live import LiveExport
 
-        self.live = LiveExport.from_config(cfg) if cfg.export.otlp else None
-        listeners_cb: list[BatchListener] = [self.live.on_batch] if self.live is not None else []
-        self.writer = CaptureWriter(cfg.capture, cfg.capture_queue, on_batch=listeners_cb)
-        if cfg.identify_processes:
-            from sniff.procinfo import ProcResolver
-            from sniff.relay import set_identity_resolver
-
-            self.resolver = ProcResolver(self.writer.emit)
-            set_identity_resolver(self.resolver)
+            self.live = LiveExport.from_config(cfg) if cfg.export.otlp else None
+            listeners_cb: list[BatchListener] = [self.live.on_batch] if self.live is not None else []
+            self.writer = CaptureWriter(cfg.capture, cfg.capture_queue, on_batch=listeners_cb,
+                                        identify=cfg.identify_processes)
         try:
             for p in cfg.proxies:
                 lst: Listener = registry.module(p.protocol).create_listener(p, self.writer)
@@ -85,21 +96,7 @@ class Runtime:
                 log.exception("stopping %s failed", lst.cfg.name)
         self.listeners = []
 
-    async def _watch_upstreams(self) -> None:
-        """Which local processes listen behind each upstream (re-checked: workers fork)."""
-        while True:
-            for lst in self.listeners:
-                up = lst.cfg.upstream
-                self.resolver.request_listen(lst.cfg.name, up.host, up.port)
-            await asyncio.sleep(10)
-
     def _close_writer(self) -> None:
-        if self.resolver is not None:
-            from sniff.relay import set_identity_resolver
-
-            set_identity_resolver(None)
-            self.resolver.close()
-            self.resolver = None
         if self.writer is not None:
             self.writer.close()
         if self.live is not None:
@@ -117,14 +114,10 @@ class Runtime:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._stop.set)
         self._announce()
-        if self.resolver is not None:
-            self._upstream_task = asyncio.get_running_loop().create_task(self._watch_upstreams())
         if on_ready is not None:
             on_ready()
         await self._stop.wait()
         print("sniff: stopping...", file=self.out, flush=True)
-        if self._upstream_task is not None:
-            self._upstream_task.cancel()
         await self._stop_listeners()
         self._close_writer()
         w = self.writer

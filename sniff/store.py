@@ -97,38 +97,30 @@ def _ts(ev: Event) -> int:
     return ev.ts
 
 
-class CaptureWriter:
-    """Accepts events from any thread; persists them from its own thread."""
+class Recorder:
+    """Everything done with events after the hot path, synchronously, in one thread:
+    identity lookups for new connections, ``prepare()``, the chunk write, the
+    per-kind counts, the listeners (live correlation and export).
 
-    def __init__(
-        self,
-        path: str | Path,
-        max_queue: int = 200_000,
-        interval: float = 0.05,
-        on_batch: list[BatchListener] | None = None,
-    ) -> None:
+    It runs on a thread of the proxy process (:class:`CaptureWriter`) or in a
+    separate, lower-priority capture process (:mod:`sniff.capture_proc`), which is
+    what ``sniff run`` uses so that none of this competes with the relay for the GIL.
+    """
+
+    def __init__(self, path: str | Path, on_batch: list[BatchListener] | None = None, identify: bool = False) -> None:
         self.path = str(path)
-        self.max_queue = max_queue
-        self.interval = interval
         self.on_batch: list[BatchListener] = list(on_batch or [])
-        self.dropped = 0
         self.written = 0
-        self._q: deque[Event] = deque()
-        self._stop = threading.Event()
         self._db = _connect(self.path)
         self._set_meta_initial()
-        self._thread = threading.Thread(target=self._run, name="sniff-capture", daemon=True)
-        self._thread.start()
+        self._side: deque[Event] = deque()  # events the identity thread produces
+        self._upstreams: dict[tuple[str, str], tuple[str, int]] = {}
+        self._last_upstream_check = 0.0
+        self.resolver: Any = None
+        if identify:
+            from sniff.procinfo import ProcResolver
 
-    # hot path ----------------------------------------------------------------------------
-
-    def emit(self, ev: Event) -> None:
-        if len(self._q) >= self.max_queue:
-            self.dropped += 1
-            return
-        self._q.append(ev)
-
-    # writer thread -----------------------------------------------------------------------
+            self.resolver = ProcResolver(self._side.append)
 
     def _set_meta_initial(self) -> None:
         existing = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
@@ -143,43 +135,63 @@ class CaptureWriter:
         rows["pid"] = str(os.getpid())
         self._db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", rows.items())
 
-    def _run(self) -> None:
-        last_tick = time.monotonic()
-        while not self._stop.wait(self.interval):
-            if self._q:
-                self._drain()
-                last_tick = time.monotonic()
-            elif self.on_batch and time.monotonic() - last_tick >= 1.0:
-                # idle: let listeners advance their clocks (expire in-flight state)
-                last_tick = time.monotonic()
-                for listener in self.on_batch:
-                    try:
-                        listener([])
-                    except Exception:
-                        log.exception("capture: batch listener %r failed", listener)
-        self._drain()
-
-    def _drain(self) -> None:
-        q = self._q
-        while q:
-            n = min(len(q), MAX_CHUNK)
-            batch = [q.popleft() for _ in range(n)]
-            for ev in batch:
-                if ev.needs_prepare:
-                    try:
-                        ev.prepare()
-                    except Exception:
-                        log.exception("capture: preparing a %s event failed", ev.kind)
-            try:
-                self._write(batch)
-                self.written += n
-            except Exception:
-                log.exception("capture: failed to write %d events to %s", n, self.path)
-            for listener in self.on_batch:
+    def process(self, batch: list[Event]) -> None:
+        if self.resolver is not None:
+            self._identify(batch)
+        while self._side:
+            batch.append(self._side.popleft())
+        if not batch:
+            return
+        for ev in batch:
+            if ev.needs_prepare:
                 try:
-                    listener(batch)
+                    ev.prepare()
                 except Exception:
-                    log.exception("capture: batch listener %r failed", listener)
+                    log.exception("capture: preparing a %s event failed", ev.kind)
+        for i in range(0, len(batch), MAX_CHUNK):
+            part = batch[i : i + MAX_CHUNK]
+            try:
+                self._write(part)
+                self.written += len(part)
+            except Exception:
+                log.exception("capture: failed to write %d events to %s", len(part), self.path)
+        self._listeners(batch)
+
+    def tick(self) -> None:
+        """Idle time: re-check upstream listeners, write identity results, advance listeners."""
+        if self.resolver is not None and time.monotonic() - self._last_upstream_check > 10:
+            self._check_upstreams()
+        if self._side:
+            self.process([])
+        else:
+            self._listeners([])
+
+    def _listeners(self, batch: list[Event]) -> None:
+        for listener in self.on_batch:
+            try:
+                listener(batch)
+            except Exception:
+                log.exception("capture: batch listener %r failed", listener)
+
+    def _identify(self, batch: list[Event]) -> None:
+        from sniff.events import ConnOpen, ProxyStart
+
+        for ev in batch:
+            if isinstance(ev, ConnOpen):
+                self.resolver.request(ev.conn, "client", (ev.client_addr, ev.client_port),
+                                      (ev.listen_addr, ev.listen_port))
+                if ev.upstream_local_port:
+                    self.resolver.request(ev.conn, "server", (ev.server_addr, ev.server_port),
+                                          (ev.upstream_local_addr, ev.upstream_local_port))
+            elif isinstance(ev, ProxyStart):
+                host, _, port = ev.upstream.rpartition(":")
+                self._upstreams[(ev.proxy, ev.upstream)] = (host.strip("[]"), int(port))
+                self._check_upstreams()
+
+    def _check_upstreams(self) -> None:
+        self._last_upstream_check = time.monotonic()
+        for (proxy, _), (host, port) in self._upstreams.items():
+            self.resolver.request_listen(proxy, host, port)
 
     def _write(self, batch: list[Event]) -> None:
         data, ts_min, ts_max = encode_chunk(batch)
@@ -194,6 +206,72 @@ class CaptureWriter:
                 [(k, c, n) for (k, c), n in counts.items()],
             )
 
+    def close(self, dropped: int = 0) -> None:
+        if self.resolver is not None:
+            self.resolver.close()
+            if self._side:
+                self.process([])
+        prev = self._db.execute("SELECT value FROM meta WHERE key='dropped_events'").fetchone()
+        total_dropped = dropped + (int(prev[0]) if prev else 0)
+        self._db.executemany(
+            "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+            [("dropped_events", str(total_dropped)), ("stopped_ns", str(time.time_ns()))],
+        )
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._db.close()
+
+
+class CaptureWriter:
+    """In-process capture: ``emit`` from any thread; a thread runs the :class:`Recorder`."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        max_queue: int = 200_000,
+        interval: float = 0.05,
+        on_batch: list[BatchListener] | None = None,
+        identify: bool = False,
+    ) -> None:
+        self.path = str(path)
+        self.max_queue = max_queue
+        self.interval = interval
+        self.dropped = 0
+        self._q: deque[Event] = deque()
+        self._stop = threading.Event()
+        self.recorder = Recorder(path, on_batch, identify)
+        self._thread = threading.Thread(target=self._run, name="sniff-capture", daemon=True)
+        self._thread.start()
+
+    @property
+    def written(self) -> int:
+        return self.recorder.written
+
+    # hot path ----------------------------------------------------------------------------
+
+    def emit(self, ev: Event) -> None:
+        if len(self._q) >= self.max_queue:
+            self.dropped += 1
+            return
+        self._q.append(ev)
+
+    # writer thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        last_tick = time.monotonic()
+        while not self._stop.wait(self.interval):
+            if self._q:
+                self._drain()
+            if time.monotonic() - last_tick >= 1.0:
+                last_tick = time.monotonic()
+                self.recorder.tick()
+        self._drain()
+
+    def _drain(self) -> None:
+        q = self._q
+        while q:
+            n = min(len(q), MAX_CHUNK)
+            self.recorder.process([q.popleft() for _ in range(n)])
+
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until everything emitted so far is written (for tests and shutdown)."""
         deadline = time.monotonic() + timeout
@@ -204,14 +282,7 @@ class CaptureWriter:
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
-        prev = self._db.execute("SELECT value FROM meta WHERE key='dropped_events'").fetchone()
-        total_dropped = self.dropped + (int(prev[0]) if prev else 0)
-        self._db.executemany(
-            "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
-            [("dropped_events", str(total_dropped)), ("stopped_ns", str(time.time_ns()))],
-        )
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self._db.close()
+        self.recorder.close(self.dropped)
 
 
 class CaptureReader:

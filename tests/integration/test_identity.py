@@ -21,7 +21,7 @@ conn = pika.BlockingConnection(pika.ConnectionParameters('127.0.0.1', int(sys.ar
 ch = conn.channel()
 ch.queue_declare(sys.argv[2], auto_delete=True)
 ch.basic_publish('', sys.argv[2], b'from ' + sys.argv[3].encode())
-import time; time.sleep(0.3)  # a service keeps its connection; the /proc lookup takes a few ms
+import time; time.sleep(1.0)  # a service keeps its connection; the /proc lookup runs in the capture process
 conn.close()
 """
 
@@ -69,7 +69,7 @@ def test_config_map_wins_and_upstream_listener_is_known(sniff_run: Any) -> None:
         with socket.create_connection(("127.0.0.1", proc.port())) as s:
             s.sendall(b"hi")
             assert s.recv(10) == b"hi"
-            time.sleep(0.3)
+            time.sleep(1.0)
         proc.stop()
     ups = [e for e in proc.events("core.proxy_upstream") if isinstance(e, ProxyUpstream)]
     assert ups and ups[0].proxy == "echo-svc"
