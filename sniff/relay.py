@@ -29,6 +29,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 from typing import Protocol as TypingProtocol
 
 from sniff.config import Address, ProxyConfig
@@ -51,6 +52,16 @@ WRITE_LOW_WATER = 256 * 1024
 
 class EventSink(TypingProtocol):
     def emit(self, ev: Event) -> None: ...
+
+
+def emit_fields_of(sink: Any) -> Callable[[type[Event], tuple[Any, ...]], None]:
+    """The sink's ``emit_fields(cls, values)`` when it has one (the capture shipper takes
+    positional field values without building the event), else build and ``emit``."""
+    fn = getattr(sink, "emit_fields", None)
+    if fn is not None:
+        return fn  # type: ignore[no-any-return]
+    emit = sink.emit
+    return lambda cls, values: emit(cls(*values))
 
 
 class Handler:
@@ -93,7 +104,7 @@ HandlerFactory = Callable[["ConnContext"], Handler]
 class ConnContext:
     """What a handler may see and do: identity, events, side channels, close."""
 
-    __slots__ = ("_relay", "client", "conn_id", "listen", "proxy", "server", "sink")
+    __slots__ = ("_relay", "client", "conn_id", "emit_fields", "listen", "proxy", "server", "sink")
 
     def __init__(
         self,
@@ -112,6 +123,7 @@ class ConnContext:
         self.server = server
         self.listen = listen
         self.sink = sink
+        self.emit_fields = emit_fields_of(sink)
 
     def emit(self, ev: Event) -> None:
         self.sink.emit(ev)

@@ -254,6 +254,9 @@ class CaptureWriter:
             return
         self._q.append(ev)
 
+    def emit_fields(self, cls: type[Event], values: tuple[Any, ...]) -> None:
+        self.emit(cls(*values))
+
     # writer thread -----------------------------------------------------------------------
 
     def _run(self) -> None:

@@ -13,7 +13,8 @@ OPTIONS = {
         "(oslo.messaging _context_request_id, _msg_id...); 0 disables",
     ),
     "capture_body": Option(
-        bool, False,
+        bool,
+        False,
         "keep those first body bytes in the capture (default: only the ids found in them are kept)",
     ),
 }

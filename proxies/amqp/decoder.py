@@ -231,9 +231,13 @@ class AmqpDecoder:
         shared: AmqpShared | None = None,
         release: Callable[[bytes], None] | None = None,
         keep_body: bool = False,
+        emit_fields: Callable[[type[Event], tuple[Any, ...]], None] | None = None,
     ) -> None:
         self.conn = conn
         self._emit = emit
+        # the hot events go out as (class, positional field values): a sink that ships
+        # them to the capture process never builds the dataclass (see sniff.capture_proc)
+        self._emit_fields = emit_fields or (lambda cls, values: emit(cls(*values)))
         self.inject = inject
         self._clock = clock
         self._span_id = new_span_id
@@ -434,12 +438,12 @@ class AmqpDecoder:
                 (tag,) = _U64.unpack_from(p, pos)
                 bits = p[pos + 8]
                 if idx == BASIC_ACK:
-                    ev = AmqpSettle(now, self.conn, ch, tag, bool(bits & 1), "ack", None)
+                    values = (now, self.conn, ch, tag, bool(bits & 1), "ack", None)
                 elif idx == BASIC_NACK:
-                    ev = AmqpSettle(now, self.conn, ch, tag, bool(bits & 1), "nack", bool(bits & 2))
+                    values = (now, self.conn, ch, tag, bool(bits & 1), "nack", bool(bits & 2))
                 else:
-                    ev = AmqpSettle(now, self.conn, ch, tag, False, "reject", bool(bits & 1))
-                self._emit(ev)
+                    values = (now, self.conn, ch, tag, False, "reject", bool(bits & 1))
+                self._emit_fields(AmqpSettle, values)
                 return
         else:
             if idx == BASIC_DELIVER:
@@ -510,8 +514,8 @@ class AmqpDecoder:
                 if end - pos != 9:
                     raise _ProtoErr("confirm method of the wrong size")
                 (tag,) = _U64.unpack_from(p, pos)
-                self._emit(
-                    AmqpConfirm(now, self.conn, ch, tag, bool(p[pos + 8] & 1), idx == BASIC_ACK)
+                self._emit_fields(
+                    AmqpConfirm, (now, self.conn, ch, tag, bool(p[pos + 8] & 1), idx == BASIC_ACK)
                 )
                 return
         self._generic_method(st, ch, p, start, end, idx, now)
@@ -689,8 +693,9 @@ class AmqpDecoder:
             if chan.confirm:
                 chan.seq += 1
                 seq = chan.seq
-            self._emit(
-                AmqpPublish(
+            self._emit_fields(
+                AmqpPublish,
+                (
                     msg.ts,
                     self.conn,
                     ch,
@@ -713,13 +718,14 @@ class AmqpDecoder:
                     head,
                     None,
                     self._keep_body,
-                )
+                ),
             )
             return
         chan.inc = None
         if msg.kind == "deliver":
-            self._emit(
-                AmqpDeliver(
+            self._emit_fields(
+                AmqpDeliver,
+                (
                     msg.ts,
                     self.conn,
                     ch,
@@ -740,11 +746,12 @@ class AmqpDecoder:
                     head,
                     None,
                     self._keep_body,
-                )
+                ),
             )
         elif msg.kind == "get":
-            self._emit(
-                AmqpGetOk(
+            self._emit_fields(
+                AmqpGetOk,
+                (
                     msg.ts,
                     self.conn,
                     ch,
@@ -765,7 +772,7 @@ class AmqpDecoder:
                     head,
                     None,
                     self._keep_body,
-                )
+                ),
             )
         else:
             self._emit(

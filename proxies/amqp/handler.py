@@ -14,7 +14,9 @@ from sniff.relay import ConnContext, Handler
 class AmqpHandler(Handler):
     observe = True
 
-    def __init__(self, ctx: ConnContext, shared: AmqpShared, body_head: int, keep_body: bool = False) -> None:
+    def __init__(
+        self, ctx: ConnContext, shared: AmqpShared, body_head: int, keep_body: bool = False
+    ) -> None:
         super().__init__(ctx)
         self.rewrite_c2s = ctx.proxy.inject
         self.decoder = AmqpDecoder(
@@ -25,6 +27,7 @@ class AmqpHandler(Handler):
             body_head=body_head,
             release=ctx.send_to_server,
             keep_body=keep_body,
+            emit_fields=ctx.emit_fields,
         )
         self.c2s = self.decoder.feed_client  # type: ignore[method-assign]
 

@@ -83,6 +83,18 @@ class ContentHeader:
         return bool(self.flags & FLAG_HEADERS)
 
 
+_PLANS: dict[int, tuple[tuple[str, str], ...]] = {}
+
+
+def _plan(flags: int) -> tuple[tuple[str, str], ...]:
+    """The (name, kind) of the properties present for ``flags``, in wire order (cached:
+    a connection sends a handful of distinct flag words)."""
+    plan = _PLANS.get(flags)
+    if plan is None:
+        plan = _PLANS[flags] = tuple((name, kind) for bit, name, kind in _PROPS if flags & (1 << bit))
+    return plan
+
+
 def parse_content_header(p: bytes, start: int = 0, end: int | None = None) -> ContentHeader:
     """Parse the payload ``p[start:end]`` of a content-header frame."""
     if end is None:
@@ -106,19 +118,22 @@ def parse_content_header(p: bytes, start: int = 0, end: int | None = None) -> Co
     h.flags = flags
     h.props_start = pos
     props = h.props
-    for bit, name, kind in _PROPS:
-        if name == "headers" and not flags & (1 << bit):
-            h.headers_start = h.headers_end = pos
-        if not flags & (1 << bit):
-            continue
+    if not flags & FLAG_HEADERS:
+        h.headers_start = -2  # computed below, once content_type/encoding are skipped
+    for name, kind in _plan(flags & 0xFFFC):
         if kind == "s":
+            if h.headers_start == -2 and name != "content_type" and name != "content_encoding":
+                h.headers_start = h.headers_end = pos
             n = p[pos]
             stop = pos + 1 + n
             if stop > end:
                 raise HeaderError(f"{name} runs past the frame")
             props[name] = p[pos + 1 : stop].decode("utf-8", "replace")
             pos = stop
-        elif kind == "t":
+            continue
+        if h.headers_start == -2:
+            h.headers_start = h.headers_end = pos
+        if kind == "t":
             (n,) = _U32.unpack_from(p, pos)
             stop = pos + 4 + n
             if stop > end:
@@ -135,6 +150,8 @@ def parse_content_header(p: bytes, start: int = 0, end: int | None = None) -> Co
                 raise HeaderError("timestamp runs past the frame")
             (props[name],) = _U64.unpack_from(p, pos)
             pos += 8
+    if h.headers_start == -2:  # no property after the headers' place
+        h.headers_start = h.headers_end = pos
     if pos != end:
         raise HeaderError(f"{end - pos} unexpected bytes after the properties")
     return h
