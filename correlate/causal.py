@@ -55,7 +55,8 @@ class Unit:
     comp: str
     start: int
     end: int | None = None
-    ids: set[str] = field(default_factory=set)
+    ids: set[str] = field(default_factory=set)  # native and learnt
+    native: set[str] = field(default_factory=set)  # what the unit itself carried
 
 
 @dataclass(slots=True)
@@ -199,7 +200,7 @@ class Causal:
             conn, role, span_id, trace_id, ids = payload
             comp = self._component_of(conn, role)
             if comp is not None:
-                u = Unit(span_id, trace_id, comp, ts, None, ids)
+                u = Unit(span_id, trace_id, comp, ts, None, ids, set(ids))
                 self.units[span_id] = u
                 c = self._by_comp.get(comp)
                 if c is None:
@@ -221,6 +222,7 @@ class Causal:
             known = self.units.get(payload[0])
             if known is not None:
                 known.ids |= payload[1]
+                known.native |= payload[1]
                 index = self._by_comp[known.comp].ids
                 for i in payload[1]:
                     index.setdefault(i, set()).add(known.span_id)
@@ -292,14 +294,24 @@ class Causal:
         for c in calls:
             ids |= c.ids
         if group_candidates is not None:
-            candidates = group_candidates
+            candidates = set(group_candidates)
         else:
             candidates = self._in_flight(comp, first.ts) if comp is not None else set()
+        # a call is never its own cause (an HTTP request a service makes to itself
+        # through sniff is both its call and a unit of the same component)
+        own = {c.span.span_id for c in calls}
+        candidates -= own
         chosen: str | None = None
         method = "none"
         if comp is not None and ids:
             strong = frozenset(i for i in ids if not i.startswith("~"))
-            matched = self._id_matches(comp, strong, first.ts)
+            matched = self._id_matches(comp, strong, first.ts) - own
+            if len(matched) > 1:
+                # an id the unit itself carried (its request, its message) is direct
+                # evidence; one it learnt from an earlier call (a shared image uuid) is not
+                native = {sid for sid in matched if not self.units[sid].native.isdisjoint(strong)}
+                if native:
+                    matched = native
             if len(matched) > 1:  # several units share the id: those in flight, then weak ids
                 for narrower in (candidates, self._id_matches(comp, frozenset(ids - strong), first.ts)):
                     narrowed = matched & narrower

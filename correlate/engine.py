@@ -158,8 +158,11 @@ class Correlator:
             if info is not None:
                 info.identity[ev.source] = dict(ev.attrs)
                 info.forget()
+                if ev.source == "proc.server" and ev.attrs.get("pid"):
+                    # the process that accepted a proxied connection serves behind that proxy
+                    self.identities.upstream(info.proxy, [ev.attrs])
         elif isinstance(ev, ProxyUpstream):
-            self.identities.upstream(ev.proxy, ev.processes)
+            self.identities.upstream(ev.proxy, ev.processes, listening=True)
             for info in self.conns.values():
                 info.forget()
         elif isinstance(ev, ConnClose):

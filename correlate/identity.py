@@ -115,11 +115,21 @@ class Identities:
         self.services = ServiceMap(services)
         # (host, pid) -> proxy name, for processes listening behind a proxy's upstream
         self.serving: dict[tuple[str, int], str] = {}
+        # proxy -> the processes listening on its upstream address (last report)
+        self.listeners: dict[str, list[dict[str, str]]] = {}
+        # component name -> the processes seen under it, for connections whose
+        # process could not be looked up (closed within milliseconds)
+        self.by_name: dict[str, set[tuple[str, int]]] = {}
 
-    def upstream(self, proxy: str, processes: list[dict[str, str]]) -> None:
+    def upstream(self, proxy: str, processes: list[dict[str, str]], listening: bool = False) -> None:
         for p in processes:
             if p.get("pid"):
                 self.serving[(p.get("host", ""), int(p["pid"]))] = proxy
+        if listening:
+            self.listeners[proxy] = [p for p in processes if p.get("pid")]
+        for p in processes:
+            if p.get("pid"):
+                self.by_name.setdefault(proxy, set()).add((p.get("host", ""), int(p["pid"])))
 
     def client(self, info: ConnInfo) -> Component:
         if info._client is not None:
@@ -138,10 +148,20 @@ class Identities:
             or rdns.get("name")
             or f"{info.protocol}-client@{info.client_addr}"
         )
+        inferred = False
+        if pid is None and "proc" in info.identity and not configured:
+            # the lookup found no process (the connection closed within milliseconds):
+            # if the name it gave is borne by exactly one known process, it is that one
+            known = self.by_name.get(name) or (self.by_name.get(described) if described else None)
+            if known and len(known) == 1:
+                host, pid = next(iter(known))
+                inferred = True
         if configured:
             key = f"cfg:{configured}"
         elif pid is not None:
             key = f"pid:{host}:{pid}"
+            if not inferred:
+                self.by_name.setdefault(name, set()).add((host, pid))
         elif described:
             key = f"self:{described}"
         elif rdns.get("name"):
@@ -158,8 +178,8 @@ class Identities:
             if host:
                 res["host.name"] = host
         comp = Component(key, name, res)
-        if "proc" in info.identity or "rdns" in info.identity:
-            info._client = comp  # final once the process lookup has answered
+        if ("proc" in info.identity and (proc.get("pid") or configured)) or "rdns" in info.identity:
+            info._client = comp  # final once the process lookup has answered (an inference is not)
         return comp
 
     def server(self, info: ConnInfo) -> Component:
@@ -167,6 +187,9 @@ class Identities:
         if info._server is not None:
             return info._server
         proc = info.identity.get("proc.server") or {}
+        if not proc.get("pid") and len(self.listeners.get(info.proxy, ())) == 1:
+            # the accepting process was not seen, but only one process listens there
+            proc = self.listeners[info.proxy][0]
         configured = self.services.lookup(info.server_addr)
         pid = int(proc["pid"]) if proc.get("pid") else None
         host = proc.get("host", "")

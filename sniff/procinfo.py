@@ -27,6 +27,9 @@ from typing import Any
 log = logging.getLogger("sniff.procinfo")
 
 _TCP_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
+# when a connection's socket is not owned by any process yet (still in a server's
+# accept queue), look again after these delays (seconds): within the correlator's lag
+RETRY_DELAYS = (0.05, 0.15, 0.4, 0.8)
 _INTERPRETERS = ("python", "python3", "ruby", "node", "java", "perl", "php", "bash", "sh")
 
 
@@ -205,6 +208,7 @@ class _Request:
     local: tuple[str, int]  # the peer socket's own address (listen: the upstream address)
     remote: tuple[str, int]  # the address it is connected to (ours); unused for "listen"
     proxy: str = ""
+    attempt: int = 0
 
 
 class ProcResolver:
@@ -236,6 +240,12 @@ class ProcResolver:
 
     def request_listen(self, proxy: str, host: str, port: int) -> None:
         self._q.put(_Request(0, "listen", (host, port), ("", 0), proxy))
+
+    def _retry(self, r: _Request, delay: float) -> None:
+        r.attempt += 1
+        timer = threading.Timer(delay, self._q.put, args=(r,))
+        timer.daemon = True
+        timer.start()
 
     def close(self) -> None:
         self._q.put(None)
@@ -293,7 +303,15 @@ class ProcResolver:
             inodes = socket_inodes([(r.local, r.remote) for r in local])
             owners = inode_owners(set(inodes.values()))
             for i, r in enumerate(local):
-                pid = owners.get(inodes.get(i, -1))
+                inode = inodes.get(i)
+                pid = owners.get(inode, None) if inode is not None else None
+                if pid is None and r.attempt < len(RETRY_DELAYS):
+                    # Not found yet: either no process holds the socket (a server that has
+                    # not accept()ed it: a busy accept queue), or /proc/net/tcp skipped it
+                    # (it is read page by page and entries are missed while connections
+                    # churn; `ss` uses netlink for that reason). Ask again a little later.
+                    self._retry(r, RETRY_DELAYS[r.attempt])
+                    continue
                 info = self._info(pid, now) if pid is not None else None
                 self.resolved += 1
                 source = "proc" if r.role == "client" else "proc.server"
@@ -332,3 +350,4 @@ class ProcResolver:
             self._dns_cache.clear()
         self._dns_cache[ip] = name
         return name
+

@@ -116,6 +116,7 @@ class Recorder:
         self._side: deque[Event] = deque()  # events the identity thread produces
         self._upstreams: dict[tuple[str, str], tuple[str, int]] = {}
         self._last_upstream_check = 0.0
+        self._started = time.monotonic()
         self.resolver: Any = None
         if identify:
             from sniff.procinfo import ProcResolver
@@ -159,8 +160,12 @@ class Recorder:
 
     def tick(self) -> None:
         """Idle time: re-check upstream listeners, write identity results, advance listeners."""
-        if self.resolver is not None and time.monotonic() - self._last_upstream_check > 10:
-            self._check_upstreams()
+        if self.resolver is not None and self._upstreams:
+            # often at first (services start after sniff), then every 10 s (workers fork)
+            age = time.monotonic() - self._started
+            every = 1.0 if age < 30 else 10.0
+            if time.monotonic() - self._last_upstream_check > every:
+                self._check_upstreams()
         if self._side:
             self.process([])
         else:

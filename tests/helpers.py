@@ -131,6 +131,8 @@ class SniffProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.returncode = self.proc.returncode
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         time.sleep(0.05)
         return self.returncode
 

@@ -109,6 +109,20 @@ def test_naming_precedence() -> None:
     assert (s.key, s.name) == ("pid:h:9", "nova-api")
 
 
+def test_a_connection_too_short_for_proc_joins_the_only_process_of_its_name() -> None:
+    ids = Identities()
+    ids.upstream("api", [{"pid": "41", "host": "h"}])
+    known = ids.client(_info(proc={"pid": "41", "host": "h"}))
+    assert known.key == "pid:h:41"
+    # the lookup came back empty, but the connection says it is "api": one process is
+    short = ids.client(_info(proc={}, **{"mysql.connect_attrs": {"program_name": "api"}}))
+    assert short.key == "pid:h:41" and short.resource["process.pid"] == 41
+    # two processes of that name: no guess
+    ids.upstream("api", [{"pid": "42", "host": "h"}])
+    other = ids.client(_info(proc={}, **{"mysql.connect_attrs": {"program_name": "api"}}))
+    assert other.key == "self:api"
+
+
 def test_process_names() -> None:
     assert process_name("/usr/bin/python3.11", ["python3", "-m", "nova.cmd.api", "--x"]) == "nova.cmd.api"
     assert process_name("/usr/bin/python3", ["python3", "-u", "/opt/svc/worker.py"]) == "worker"
