@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing as mp
 import os
 import signal
@@ -186,11 +187,9 @@ def _pika_consumer(port: int, queue: str, n: int, out: Any) -> None:
     conn = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", port, heartbeat=0))
     ch = conn.channel()
     ch.basic_qos(prefetch_count=500)
-    got = 0
     t0 = time.perf_counter()
-    for method, _props, _body in ch.consume(queue):
+    for got, (method, _props, _body) in enumerate(ch.consume(queue), 1):
         ch.basic_ack(method.delivery_tag)
-        got += 1
         if got == n:
             break
     dt = time.perf_counter() - t0
@@ -225,10 +224,8 @@ def _echo_server(port: int, queue: str, ready: Any) -> None:
 
     ch.basic_consume(queue, on)
     ready.set()
-    try:
+    with contextlib.suppress(Exception):
         ch.start_consuming()
-    except Exception:
-        pass
 
 
 def _rpc_client(port: int, queue: str, n: int, out: Any) -> None:

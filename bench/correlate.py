@@ -14,6 +14,7 @@ memory profile is visible. The issue's bar: >= 100,000 events/s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import random
@@ -46,6 +47,7 @@ def generate(path: str, n_events: int, seed: int = 1) -> int:
 
     try:
         from proxies.http.events import HttpExchange as _Http  # noqa: F401
+
         have_http = True
     except ImportError:
         have_http = False
@@ -67,37 +69,123 @@ def generate(path: str, n_events: int, seed: int = 1) -> int:
         for i in range(procs):
             pid = 10_000 + len(comps) * 100 + i
             amqp, sql = next(conn_ids), next(conn_ids)
-            for conn, proto, proxy, port in ((amqp, "amqp", "rabbitmq", 5672), (sql, "mysql", "mysql", 3306)):
-                emit(ConnOpen(t, conn, proxy, proto, "127.0.0.1", 30000 + conn % 20000, "127.0.0.1", port,
-                              "127.0.0.1", port + 1))
-                emit(ConnIdentity(t + 5 * MS, conn, "proc", {"pid": str(pid), "name": name, "host": "bench"}))
+            for conn, proto, proxy, port in (
+                (amqp, "amqp", "rabbitmq", 5672),
+                (sql, "mysql", "mysql", 3306),
+            ):
+                emit(
+                    ConnOpen(
+                        t,
+                        conn,
+                        proxy,
+                        proto,
+                        "127.0.0.1",
+                        30000 + conn % 20000,
+                        "127.0.0.1",
+                        port,
+                        "127.0.0.1",
+                        port + 1,
+                    )
+                )
+                emit(
+                    ConnIdentity(
+                        t + 5 * MS, conn, "proc", {"pid": str(pid), "name": name, "host": "bench"}
+                    )
+                )
             comps[name].append({"amqp": amqp, "sql": sql, "pid": pid, "tag": 0, "seq": 0})
     statements = [
         ("SELECT instances.uuid, instances.host FROM instances WHERE instances.uuid = ?", 1),
         ("UPDATE instances SET vm_state=?, updated_at=? WHERE instances.uuid = ?", 0),
         ("INSERT INTO instance_actions (action, instance_uuid, request_id) VALUES (?, ?, ?)", 0),
-        ("SELECT compute_nodes.id, compute_nodes.free_ram_mb FROM compute_nodes WHERE deleted = ?", 12),
+        (
+            "SELECT compute_nodes.id, compute_nodes.free_ram_mb FROM compute_nodes WHERE deleted = ?",
+            12,
+        ),
     ]
 
     def sql(c: dict[str, int], ts: int, text: str, rows: int) -> int:
-        emit(MysqlQuery(ts, c["sql"], "mariadb", "nova", "COM_QUERY", text, True, ts + 300_000, "ok",
-                        None, None, rows, 0 if rows else 1, new_span_id(), operation=text.split()[0],
-                        tables=["instances"], summary=f"{text.split()[0]} instances", parsed=True))
+        emit(
+            MysqlQuery(
+                ts,
+                c["sql"],
+                "mariadb",
+                "nova",
+                "COM_QUERY",
+                text,
+                True,
+                ts + 300_000,
+                "ok",
+                None,
+                None,
+                rows,
+                0 if rows else 1,
+                new_span_id(),
+                operation=text.split()[0],
+                tables=["instances"],
+                summary=f"{text.split()[0]} instances",
+                parsed=True,
+            )
+        )
         return ts + 400_000
 
     def publish(c: dict[str, int], ts: int, rk: str, ids: dict[str, str]) -> tuple[int, str, str]:
         trace, span = new_trace_id(), new_span_id()
         c["seq"] += 1
-        emit(AmqpPublish(ts, c["amqp"], 1, "nova", rk, False, {"correlation_id": ids.get("c", "")}, None,
-                         900, ts + 50_000, trace, span, None, format_traceparent(trace, span), True, None,
-                         c["seq"], False, None, b"", ids))
+        emit(
+            AmqpPublish(
+                ts,
+                c["amqp"],
+                1,
+                "nova",
+                rk,
+                False,
+                {"correlation_id": ids.get("c", "")},
+                None,
+                900,
+                ts + 50_000,
+                trace,
+                span,
+                None,
+                format_traceparent(trace, span),
+                True,
+                None,
+                c["seq"],
+                False,
+                None,
+                b"",
+                ids,
+            )
+        )
         emit(AmqpConfirm(ts + 200_000, c["amqp"], 1, c["seq"], False, True))
         return ts + 250_000, trace, span
 
-    def consume(c: dict[str, int], ts: int, rk: str, trace: str, span: str, ids: dict[str, str]) -> int:
+    def consume(
+        c: dict[str, int], ts: int, rk: str, trace: str, span: str, ids: dict[str, str]
+    ) -> int:
         c["tag"] += 1
-        emit(AmqpDeliver(ts, c["amqp"], 1, "ctag", c["tag"], False, "nova", rk, rk, False, {}, None, 900,
-                         ts + 50_000, format_traceparent(trace, span), trace, new_span_id(), b"", ids))
+        emit(
+            AmqpDeliver(
+                ts,
+                c["amqp"],
+                1,
+                "ctag",
+                c["tag"],
+                False,
+                "nova",
+                rk,
+                rk,
+                False,
+                {},
+                None,
+                900,
+                ts + 50_000,
+                format_traceparent(trace, span),
+                trace,
+                new_span_id(),
+                b"",
+                ids,
+            )
+        )
         return ts + 60_000
 
     def settle(c: dict[str, int], ts: int) -> None:
@@ -171,7 +259,9 @@ def _correlate(path: str, out: Any) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--keep", help="keep the generated capture at this path")
     args = ap.parse_args()
@@ -187,17 +277,21 @@ def main() -> int:
     res = out.get()
     p.join()
     rate = res["events"] / res["seconds"]
-    print(f"correlated {res['events']:,} events into {res['spans']:,} spans in {res['seconds']:.1f} s: "
-          f"{rate:,.0f} events/s (bar >= 100,000)")
-    print("RSS of the correlating process: " + ", ".join(
-        f"{ev / max(1, res['events']):.0%} {rss / 2**20:.0f} MiB" for ev, rss in res["rss"]))
+    print(
+        f"correlated {res['events']:,} events into {res['spans']:,} spans in {res['seconds']:.1f} s: "
+        f"{rate:,.0f} events/s (bar >= 100,000)"
+    )
+    print(
+        "RSS of the correlating process: "
+        + ", ".join(
+            f"{ev / max(1, res['events']):.0%} {rss / 2**20:.0f} MiB" for ev, rss in res["rss"]
+        )
+    )
     print("attachment methods:", ", ".join(f"{k} {v:,}" for k, v in sorted(res["methods"].items())))
     if not args.keep:
         for suffix in ("", "-wal", "-shm"):
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(path + suffix)
-            except OSError:
-                pass
     return 0
 
 

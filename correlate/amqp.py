@@ -166,7 +166,9 @@ class AmqpSpans:
             resource,
             conn=ev.conn,
         )
-        self.e.causal.call(span, ev.conn, ev.ts, shared_ids.values(ev.body_ids), decided=parent is not None)
+        self.e.causal.call(
+            span, ev.conn, ev.ts, shared_ids.values(ev.body_ids), decided=parent is not None
+        )
         props = ev.properties
         corr = props.get("correlation_id")
         if corr:

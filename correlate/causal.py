@@ -123,14 +123,23 @@ class Causal:
         self._opened: list[tuple[int, str]] = []  # (start ts, span id) heap, for the TTL
         self._groups: dict[Any, _Group] = {}
         self.stats: dict[str, int] = {
-            "propagated": 0, "paired": 0, "shared_id": 0, "timing": 0, "ambiguous": 0, "none": 0,
+            "propagated": 0,
+            "paired": 0,
+            "shared_id": 0,
+            "timing": 0,
+            "ambiguous": 0,
+            "none": 0,
             "units_expired": 0,
         }
 
     # --- notifications (from builders, in any order within the lag) -------------------------
 
-    def unit_start(self, conn: int, role: str, span: Span, ts: int, ids: set[str] | None = None) -> None:
-        self._push(ts, _UNIT, (conn, role, span.span_id, span.trace_id, set(ids or ())), span.span_id)
+    def unit_start(
+        self, conn: int, role: str, span: Span, ts: int, ids: set[str] | None = None
+    ) -> None:
+        self._push(
+            ts, _UNIT, (conn, role, span.span_id, span.trace_id, set(ids or ())), span.span_id
+        )
 
     def unit_ids(self, span_id: str, ts: int, ids: set[str]) -> None:
         """More ids learnt about a unit (e.g. a request id in the response headers)."""
@@ -140,9 +149,18 @@ class Causal:
     def unit_end(self, span_id: str, ts: int) -> None:
         self._push(ts, _END, span_id, None)
 
-    def call(self, span: Span, conn: int, ts: int, ids: set[str] | frozenset[str] | None = None,
-             decided: bool = False, group: Any = None) -> None:
-        self._push(ts, _CALL, Call(span, conn, ts, frozenset(ids or ()), decided, group), span.span_id)
+    def call(
+        self,
+        span: Span,
+        conn: int,
+        ts: int,
+        ids: set[str] | frozenset[str] | None = None,
+        decided: bool = False,
+        group: Any = None,
+    ) -> None:
+        self._push(
+            ts, _CALL, Call(span, conn, ts, frozenset(ids or ()), decided, group), span.span_id
+        )
 
     def group_end(self, group: Any, ts: int) -> None:
         self._push(ts, _GROUP_END, group, None)
@@ -313,7 +331,10 @@ class Causal:
                 if native:
                     matched = native
             if len(matched) > 1:  # several units share the id: those in flight, then weak ids
-                for narrower in (candidates, self._id_matches(comp, frozenset(ids - strong), first.ts)):
+                for narrower in (
+                    candidates,
+                    self._id_matches(comp, frozenset(ids - strong), first.ts),
+                ):
                     narrowed = matched & narrower
                     if narrowed:
                         matched = narrowed
@@ -344,7 +365,9 @@ class Causal:
                 span.attrs[sc.SNIFF_CORRELATION_CONFIDENCE] = round(1.0 / n, 4)
                 for sid in sorted(candidates):
                     u = self.units[sid]
-                    span.links.append(Link(u.trace_id, sid, {sc.SNIFF_CORRELATION_CONFIDENCE: round(1.0 / n, 4)}))
+                    span.links.append(
+                        Link(u.trace_id, sid, {sc.SNIFF_CORRELATION_CONFIDENCE: round(1.0 / n, 4)})
+                    )
             self.stats["ambiguous"] += len(calls)
             return
         for c in calls:

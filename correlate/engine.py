@@ -58,7 +58,9 @@ class Correlator:
     ) -> None:
         self.identities = Identities(services)
         self.options = dict(options or {})
-        self.ttl_ns = ttl_ns if ttl_ns is not None else int(float(self.options.get("ttl_s", 600)) * 1e9)
+        self.ttl_ns = (
+            ttl_ns if ttl_ns is not None else int(float(self.options.get("ttl_s", 600)) * 1e9)
+        )
         self.causal = Causal(
             self._component_of,
             self.trace,
@@ -125,7 +127,9 @@ class Correlator:
                 b.feed(ev)  # type: ignore[union-attr]
         causal = self.causal
         limit = ts - causal.lag_ns
-        if (causal._heap and causal._heap[0][0] <= limit) or (causal._ready and causal._ready[0][0] <= limit):
+        if (causal._heap and causal._heap[0][0] <= limit) or (
+            causal._ready and causal._ready[0][0] <= limit
+        ):
             causal.advance(ts)
 
     def _load_builder(self, proto: str) -> SpanBuilder | None:
@@ -246,7 +250,11 @@ class Correlator:
     def _release(self, span: Span) -> None:
         info = self.conns.get(span.conn) if span.conn else None
         if info is not None:  # name it now: the process behind it is known by now
-            comp = self.identities.server(info) if span.kind == "SERVER" else self.identities.client(info)
+            comp = (
+                self.identities.server(info)
+                if span.kind == "SERVER"
+                else self.identities.client(info)
+            )
             span.service = comp.name
             res = dict(span.resource)
             res.update(comp.resource)

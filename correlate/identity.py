@@ -121,7 +121,9 @@ class Identities:
         # process could not be looked up (closed within milliseconds)
         self.by_name: dict[str, set[tuple[str, int]]] = {}
 
-    def upstream(self, proxy: str, processes: list[dict[str, str]], listening: bool = False) -> None:
+    def upstream(
+        self, proxy: str, processes: list[dict[str, str]], listening: bool = False
+    ) -> None:
         for p in processes:
             if p.get("pid"):
                 self.serving[(p.get("host", ""), int(p["pid"]))] = proxy
@@ -200,8 +202,11 @@ class Identities:
             key = f"pid:{host}:{pid}"
         else:
             key = f"svc:{info.proxy}"
-        res: dict[str, Any] = {"service.name": name, "server.address": info.server_addr,
-                               "server.port": info.server_port}
+        res: dict[str, Any] = {
+            "service.name": name,
+            "server.address": info.server_addr,
+            "server.port": info.server_port,
+        }
         if pid is not None:
             res["process.pid"] = pid
             if proc.get("exe"):

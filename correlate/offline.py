@@ -69,8 +69,16 @@ def conn_services(
     infos: dict[int, ConnInfo] = {}
     for ev in reader.events(kinds=["core.conn_open", "core.identity", "core.proxy_upstream"]):
         if isinstance(ev, ConnOpen):
-            infos[ev.conn] = ConnInfo(ev.conn, ev.proxy, ev.protocol_name, ev.client_addr,
-                                      ev.client_port, ev.server_addr, ev.server_port, ev.ts)
+            infos[ev.conn] = ConnInfo(
+                ev.conn,
+                ev.proxy,
+                ev.protocol_name,
+                ev.client_addr,
+                ev.client_port,
+                ev.server_addr,
+                ev.server_port,
+                ev.ts,
+            )
         elif isinstance(ev, ConnIdentity) and ev.conn in infos:
             infos[ev.conn].identity[ev.source] = dict(ev.attrs)
         elif isinstance(ev, ProxyUpstream):

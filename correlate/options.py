@@ -10,7 +10,11 @@ KEYS: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
     "ttl_s": ((int, float), 600, "in-flight state older than this is expired (and counted)"),
     "id_headers": (list, [], "extra header names whose values are shared ids"),
     "id_json_keys": (list, [], "extra JSON keys whose values are shared ids"),
-    "id_regexes": (list, [], "regexes whose group 1 (or match) in URLs, SQL text and bodies is an id"),
+    "id_regexes": (
+        list,
+        [],
+        "regexes whose group 1 (or match) in URLs, SQL text and bodies is an id",
+    ),
     "uuid_ids": (bool, True, "treat UUIDs in URLs, SQL text and bodies as shared ids"),
     "timing_exclude": (list, [], "component names never attributed by timing alone"),
 }
@@ -25,8 +29,10 @@ def validate(table: dict[str, Any], where: str = "correlate") -> dict[str, Any]:
             raise ConfigError(f"{where}.{k}: unknown key; known keys: {', '.join(sorted(KEYS))}")
         typ, _default, _help = KEYS[k]
         types = typ if isinstance(typ, tuple) else (typ,)
-        if isinstance(v, bool) and bool not in types or not isinstance(v, types):
-            raise ConfigError(f"{where}.{k}: expected {' or '.join(t.__name__ for t in types)}, got {v!r}")
+        if (isinstance(v, bool) and bool not in types) or not isinstance(v, types):
+            raise ConfigError(
+                f"{where}.{k}: expected {' or '.join(t.__name__ for t in types)}, got {v!r}"
+            )
         if isinstance(v, list) and not all(isinstance(x, str) for x in v):
             raise ConfigError(f"{where}.{k}: expected a list of strings, got {v!r}")
         if isinstance(v, int | float) and not isinstance(v, bool) and v < 0:

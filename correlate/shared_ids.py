@@ -20,17 +20,31 @@ caller process's reply queue, shared by all its calls).
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterable
 from typing import Any
 
 import orjson
 
-DEFAULT_HEADERS = ("x-request-id", "x-openstack-request-id", "x-compute-request-id", "x-correlation-id")
-DEFAULT_JSON_KEYS = ("_context_request_id", "_context_global_request_id", "_msg_id", "_unique_id",
-                     "request_id", "global_request_id")
+DEFAULT_HEADERS = (
+    "x-request-id",
+    "x-openstack-request-id",
+    "x-compute-request-id",
+    "x-correlation-id",
+)
+DEFAULT_JSON_KEYS = (
+    "_context_request_id",
+    "_context_global_request_id",
+    "_msg_id",
+    "_unique_id",
+    "request_id",
+    "global_request_id",
+)
 WEAK_JSON_KEYS = ("_reply_q",)
-UUID_RE = re.compile(rb"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b")
+UUID_RE = re.compile(
+    rb"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b"
+)
 
 
 class Settings:
@@ -108,10 +122,8 @@ def _walk(obj: Any, out: dict[str, str], depth: int = 0) -> None:
     if isinstance(obj, dict):
         for k, v in obj.items():
             if k == "oslo.message" and isinstance(v, str):
-                try:
+                with contextlib.suppress(orjson.JSONDecodeError):
                     _walk(orjson.loads(v), out, depth + 1)
-                except orjson.JSONDecodeError:
-                    pass
                 continue
             if isinstance(v, str | int) and not isinstance(v, bool):
                 if k in s.json_keys:
@@ -134,8 +146,12 @@ def from_body(body: bytes, out: dict[str, str]) -> None:
         try:
             _walk(orjson.loads(stripped), out)
         except orjson.JSONDecodeError:
-            for key in settings.json_keys + settings.weak_json_keys:  # truncated JSON: scan for keys
-                for m in re.finditer(rb'"' + re.escape(key.encode()) + rb'"\s*:\s*"([^"]{1,200})"', body):
+            for key in (
+                settings.json_keys + settings.weak_json_keys
+            ):  # truncated JSON: scan for keys
+                for m in re.finditer(
+                    rb'"' + re.escape(key.encode()) + rb'"\s*:\s*"([^"]{1,200})"', body
+                ):
                     val = m.group(1).decode("utf-8", "replace")
                     out[f"json.{key}"] = ("~" + val) if key in settings.weak_json_keys else val
     from_text(body, out, "body")

@@ -58,7 +58,9 @@ def _frame(kind: bytes, payload: bytes) -> bytes:
 class CaptureShipper:
     """Proxy side: ``emit`` events; they are written by a child capture process."""
 
-    def __init__(self, settings: dict[str, Any], max_queue: int = 200_000, interval: float = 0.05) -> None:
+    def __init__(
+        self, settings: dict[str, Any], max_queue: int = 200_000, interval: float = 0.05
+    ) -> None:
         self.path = str(settings["capture"])
         self.max_queue = max_queue
         self.interval = interval
@@ -80,7 +82,9 @@ class CaptureShipper:
         ready = self.proc.stdout.readline()
         if not ready.startswith(b"ready"):
             self.proc.wait(10)
-            raise RuntimeError(f"the capture process did not start: {ready.decode(errors='replace').strip()}")
+            raise RuntimeError(
+                f"the capture process did not start: {ready.decode(errors='replace').strip()}"
+            )
         self._thread = threading.Thread(target=self._run, name="sniff-shipper", daemon=True)
         self._thread.start()
 
@@ -120,7 +124,9 @@ class CaptureShipper:
                         continue
                     g = getters.get(ev.__class__)
                     if g is None:
-                        g = getters[ev.__class__] = attrgetter(*(f.name for f in dataclasses.fields(ev)))
+                        g = getters[ev.__class__] = attrgetter(
+                            *(f.name for f in dataclasses.fields(ev))
+                        )
                     rows.append((ev.kind, g(ev)))
                 payload = pickle.dumps(rows, protocol=5)
                 self._pipe.write(_frame(b"E", payload))
@@ -129,8 +135,10 @@ class CaptureShipper:
             except (BrokenPipeError, OSError, ValueError):
                 self.dropped += n
                 if self.proc.poll() is not None:
-                    log.error("the capture process exited (status %s); events are being dropped",
-                              self.proc.returncode)
+                    log.error(
+                        "the capture process exited (status %s); events are being dropped",
+                        self.proc.returncode,
+                    )
                     q.clear()
                     return
             except Exception:
@@ -196,8 +204,11 @@ def main() -> int:
         print("error: expected the config frame first", flush=True)
         return 1
     settings = orjson.loads(payload)
-    logging.basicConfig(level=getattr(logging, settings.get("log_level", "info").upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=getattr(logging, settings.get("log_level", "info").upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     from correlate import shared_ids
     from sniff.store import Recorder
 
@@ -215,7 +226,9 @@ def main() -> int:
         )
         listeners.append(live.on_batch)
     try:
-        rec = Recorder(settings["capture"], listeners, identify=bool(settings.get("identify_processes")))
+        rec = Recorder(
+            settings["capture"], listeners, identify=bool(settings.get("identify_processes"))
+        )
     except Exception as e:
         print(f"error: {e}", flush=True)
         return 1

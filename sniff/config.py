@@ -197,8 +197,17 @@ def _proxy_from_table(t: dict[str, Any], key: str) -> ProxyConfig:
     return cfg
 
 
-_TOP_KEYS = {"capture", "capture_queue", "log_level", "proxy", "export", "services", "correlate",
-             "identify_processes", "capture_process"}
+_TOP_KEYS = {
+    "capture",
+    "capture_queue",
+    "log_level",
+    "proxy",
+    "export",
+    "services",
+    "correlate",
+    "identify_processes",
+    "capture_process",
+}
 
 
 def from_dict(data: dict[str, Any], source: str = "config") -> Config:

@@ -115,8 +115,16 @@ def listen_inodes(host: str, port: int) -> set[int]:
     (bound to that address or to the wildcard address)."""
     out: set[int] = set()
     p = f"{port:04X}"
-    candidates = {f"{a}:{p}" for a in (_hex_addr(host, port)[0].split(":")[0],
-                                        "00000000", "0" * 32, _hex_addr(host, port)[1].split(":")[0]) if a}
+    candidates = {
+        f"{a}:{p}"
+        for a in (
+            _hex_addr(host, port)[0].split(":")[0],
+            "00000000",
+            "0" * 32,
+            _hex_addr(host, port)[1].split(":")[0],
+        )
+        if a
+    }
     for table in _TCP_TABLES:
         try:
             with open(table) as f:
@@ -222,7 +230,9 @@ class ProcResolver:
     - ``ProxyUpstream`` with the pids listening behind a proxy's upstream address.
     """
 
-    def __init__(self, emit: Callable[[Any], None], min_interval: float = 0.02, rdns: bool = True) -> None:
+    def __init__(
+        self, emit: Callable[[Any], None], min_interval: float = 0.02, rdns: bool = True
+    ) -> None:
         self._emit = emit
         self._q: queue.Queue[_Request | None] = queue.Queue()
         self._min_interval = min_interval
@@ -289,8 +299,13 @@ class ProcResolver:
     def _attrs(self, info: ProcInfo | None) -> dict[str, str]:
         if info is None:
             return {}
-        return {"pid": str(info.pid), "name": info.name, "exe": info.exe, "cmdline": info.cmdline,
-                "host": self._host}
+        return {
+            "pid": str(info.pid),
+            "name": info.name,
+            "exe": info.exe,
+            "cmdline": info.cmdline,
+            "host": self._host,
+        }
 
     def _resolve(self, batch: list[_Request]) -> None:
         from sniff.events import ConnIdentity, ProxyUpstream
@@ -331,8 +346,15 @@ class ProcResolver:
                 continue
             self._listen_seen[key] = frozenset(pids)
             procs = [self._attrs(self._info(pid, now)) for pid in sorted(pids)]
-            self._emit(ProxyUpstream(time.time_ns(), 0, r.proxy, f"{r.local[0]}:{r.local[1]}",
-                                     [p for p in procs if p]))
+            self._emit(
+                ProxyUpstream(
+                    time.time_ns(),
+                    0,
+                    r.proxy,
+                    f"{r.local[0]}:{r.local[1]}",
+                    [p for p in procs if p],
+                )
+            )
         if len(self._proc_cache) > 10_000:
             self._proc_cache.clear()
 
@@ -350,4 +372,3 @@ class ProcResolver:
             self._dns_cache.clear()
         self._dns_cache[ip] = name
         return name
-

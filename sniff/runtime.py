@@ -75,9 +75,15 @@ class Runtime:
             from sniff.live import LiveExport
 
             self.live = LiveExport.from_config(cfg) if cfg.export.otlp else None
-            listeners_cb: list[BatchListener] = [self.live.on_batch] if self.live is not None else []
-            self.writer = CaptureWriter(cfg.capture, cfg.capture_queue, on_batch=listeners_cb,
-                                        identify=cfg.identify_processes)
+            listeners_cb: list[BatchListener] = (
+                [self.live.on_batch] if self.live is not None else []
+            )
+            self.writer = CaptureWriter(
+                cfg.capture,
+                cfg.capture_queue,
+                on_batch=listeners_cb,
+                identify=cfg.identify_processes,
+            )
         try:
             for p in cfg.proxies:
                 lst: Listener = registry.module(p.protocol).create_listener(p, self.writer)

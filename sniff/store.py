@@ -107,7 +107,9 @@ class Recorder:
     what ``sniff run`` uses so that none of this competes with the relay for the GIL.
     """
 
-    def __init__(self, path: str | Path, on_batch: list[BatchListener] | None = None, identify: bool = False) -> None:
+    def __init__(
+        self, path: str | Path, on_batch: list[BatchListener] | None = None, identify: bool = False
+    ) -> None:
         self.path = str(path)
         self.on_batch: list[BatchListener] = list(on_batch or [])
         self.written = 0
@@ -130,7 +132,11 @@ class Recorder:
                 f"{self.path}: a capture in format {existing['format_version']}; "
                 f"this sniff writes format {FORMAT_VERSION}: choose a new capture file"
             )
-        rows = {"format_version": FORMAT_VERSION, "sniff_version": __version__, "host": socket.gethostname()}
+        rows = {
+            "format_version": FORMAT_VERSION,
+            "sniff_version": __version__,
+            "host": socket.gethostname(),
+        }
         if "started_ns" not in existing:
             rows["started_ns"] = str(time.time_ns())
         rows["pid"] = str(os.getpid())
@@ -183,11 +189,19 @@ class Recorder:
 
         for ev in batch:
             if isinstance(ev, ConnOpen):
-                self.resolver.request(ev.conn, "client", (ev.client_addr, ev.client_port),
-                                      (ev.listen_addr, ev.listen_port))
+                self.resolver.request(
+                    ev.conn,
+                    "client",
+                    (ev.client_addr, ev.client_port),
+                    (ev.listen_addr, ev.listen_port),
+                )
                 if ev.upstream_local_port:
-                    self.resolver.request(ev.conn, "server", (ev.server_addr, ev.server_port),
-                                          (ev.upstream_local_addr, ev.upstream_local_port))
+                    self.resolver.request(
+                        ev.conn,
+                        "server",
+                        (ev.server_addr, ev.server_port),
+                        (ev.upstream_local_addr, ev.upstream_local_port),
+                    )
             elif isinstance(ev, ProxyStart):
                 host, _, port = ev.upstream.rpartition(":")
                 self._upstreams[(ev.proxy, ev.upstream)] = (host.strip("[]"), int(port))
@@ -203,7 +217,8 @@ class Recorder:
         counts = Counter((ev.kind, ev.conn) for ev in batch)
         with self._db:
             self._db.execute(
-                "INSERT INTO chunks(ts_min, ts_max, n, data) VALUES (?, ?, ?, ?)", (ts_min, ts_max, len(batch), data)
+                "INSERT INTO chunks(ts_min, ts_max, n, data) VALUES (?, ?, ?, ?)",
+                (ts_min, ts_max, len(batch), data),
             )
             self._db.executemany(
                 "INSERT INTO counts(kind, conn, n) VALUES (?, ?, ?) "
@@ -318,7 +333,10 @@ class CaptureReader:
         return row[0], row[1]
 
     def raw(
-        self, since_ns: int | None = None, until_ns: int | None = None, kinds: list[str] | None = None
+        self,
+        since_ns: int | None = None,
+        until_ns: int | None = None,
+        kinds: list[str] | None = None,
     ) -> Iterator[tuple[str, dict[str, Any]]]:
         """(kind, fields) in timestamp order, without building event objects."""
         sql = "SELECT ts_min, data FROM chunks"
@@ -351,7 +369,9 @@ class CaptureReader:
                         continue
                     if since_ns is not None or until_ns is not None:
                         ts = d.get("ts", 0)
-                        if (since_ns is not None and ts < since_ns) or (until_ns is not None and ts > until_ns):
+                        if (since_ns is not None and ts < since_ns) or (
+                            until_ns is not None and ts > until_ns
+                        ):
                             continue
                     yield kind, d
             else:
@@ -359,7 +379,9 @@ class CaptureReader:
                     if wanted is not None and kind not in wanted:
                         continue
                     ts = d.get("ts", 0)
-                    if (since_ns is not None and ts < since_ns) or (until_ns is not None and ts > until_ns):
+                    if (since_ns is not None and ts < since_ns) or (
+                        until_ns is not None and ts > until_ns
+                    ):
                         continue
                     heapq.heappush(heap, (ts, seq, kind, d))
                     seq += 1
@@ -369,7 +391,10 @@ class CaptureReader:
             row = nxt
 
     def events(
-        self, since_ns: int | None = None, until_ns: int | None = None, kinds: list[str] | None = None
+        self,
+        since_ns: int | None = None,
+        until_ns: int | None = None,
+        kinds: list[str] | None = None,
     ) -> Iterator[Event]:
         for kind, d in self.raw(since_ns, until_ns, kinds):
             yield loads(kind, d)
@@ -406,7 +431,9 @@ def merge(inputs: list[str | Path], output: str | Path) -> int:
         alias = f"src{i}"
         db.execute(f"ATTACH DATABASE ? AS {alias}", (str(src),))
         with db:
-            db.execute(f"INSERT INTO chunks(ts_min, ts_max, n, data) SELECT ts_min, ts_max, n, data FROM {alias}.chunks")
+            db.execute(
+                f"INSERT INTO chunks(ts_min, ts_max, n, data) SELECT ts_min, ts_max, n, data FROM {alias}.chunks"
+            )
             db.execute(
                 f"INSERT INTO counts(kind, conn, n) SELECT kind, conn, n FROM {alias}.counts WHERE true "
                 "ON CONFLICT(kind, conn) DO UPDATE SET n = n + excluded.n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -193,10 +194,8 @@ class AsyncServer:
                 await self._server.serve_forever()
 
         asyncio.set_event_loop(self.loop)
-        try:
+        with contextlib.suppress(BaseException):
             self.loop.run_until_complete(main())
-        except BaseException:
-            pass
 
     def __enter__(self) -> AsyncServer:
         self._thread.start()

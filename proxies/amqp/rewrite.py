@@ -91,7 +91,9 @@ def _plan(flags: int) -> tuple[tuple[str, str], ...]:
     a connection sends a handful of distinct flag words)."""
     plan = _PLANS.get(flags)
     if plan is None:
-        plan = _PLANS[flags] = tuple((name, kind) for bit, name, kind in _PROPS if flags & (1 << bit))
+        plan = _PLANS[flags] = tuple(
+            (name, kind) for bit, name, kind in _PROPS if flags & (1 << bit)
+        )
     return plan
 
 

@@ -15,8 +15,13 @@ def test_compose_file_validates() -> None:
     exe = shutil.which("docker-compose")
     if exe is None:
         pytest.fail("docker-compose is not installed; run scripts/setup.sh")
-    r = subprocess.run([exe, "-f", str(ROOT / "compose.yaml"), "config", "-q"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    r = subprocess.run(
+        [exe, "-f", str(ROOT / "compose.yaml"), "config", "-q"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
 
 

@@ -42,7 +42,11 @@ def test_two_processes_on_one_host_are_two_components(sniff_run: Any, tmp_path: 
     pid_b = _run_client(tmp_path, proc.port(), "nova_conductor", queue)
     time.sleep(0.3)  # the /proc lookups finish off the event loop
     proc.stop()
-    idents = [e for e in proc.events("core.identity") if isinstance(e, ConnIdentity) and e.source == "proc"]
+    idents = [
+        e
+        for e in proc.events("core.identity")
+        if isinstance(e, ConnIdentity) and e.source == "proc"
+    ]
     pids = {int(e.attrs["pid"]) for e in idents if e.attrs}
     assert {pid_a, pid_b} <= pids
     names = {e.attrs["name"] for e in idents if e.attrs}
@@ -62,8 +66,10 @@ def test_config_map_wins_and_upstream_listener_is_known(sniff_run: Any) -> None:
         writer.close()
 
     with AsyncServer(echo) as up:
-        proc = sniff_run([{"name": "echo-svc", "protocol": "tcp", "upstream": f"127.0.0.1:{up.port}"}],
-                         services={"127.0.0.0/8": "configured-client"})
+        proc = sniff_run(
+            [{"name": "echo-svc", "protocol": "tcp", "upstream": f"127.0.0.1:{up.port}"}],
+            services={"127.0.0.0/8": "configured-client"},
+        )
         import socket
 
         with socket.create_connection(("127.0.0.1", proc.port())) as s:
@@ -73,7 +79,9 @@ def test_config_map_wins_and_upstream_listener_is_known(sniff_run: Any) -> None:
         proc.stop()
     ups = [e for e in proc.events("core.proxy_upstream") if isinstance(e, ProxyUpstream)]
     assert ups and ups[0].proxy == "echo-svc"
-    assert int(ups[0].processes[0]["pid"]) == os.getpid()  # the echo server runs in this test process
+    assert (
+        int(ups[0].processes[0]["pid"]) == os.getpid()
+    )  # the echo server runs in this test process
     server_side = [e for e in proc.events("core.identity") if e.source == "proc.server"]
     assert server_side and int(server_side[0].attrs["pid"]) == os.getpid()
     from correlate.offline import conn_services
@@ -85,7 +93,9 @@ def test_config_map_wins_and_upstream_listener_is_known(sniff_run: Any) -> None:
 
 
 def _info(**identity: dict[str, str]) -> ConnInfo:
-    return ConnInfo(1, "nova-api", "http", "10.0.0.5", 5000, "10.0.0.9", 8774, 0, identity=dict(identity))
+    return ConnInfo(
+        1, "nova-api", "http", "10.0.0.5", 5000, "10.0.0.9", 8774, 0, identity=dict(identity)
+    )
 
 
 def test_naming_precedence() -> None:
@@ -93,13 +103,21 @@ def test_naming_precedence() -> None:
     assert ids.client(_info(proc={"pid": "5", "name": "p"})).name == "from-config"
     ids = Identities()
     # self-description names a process; the pid keys the component
-    c = ids.client(_info(proc={"pid": "5", "name": "python3", "host": "h"},
-                         **{"amqp.client_properties": {"connection_name": "nova-conductor"}}))
+    c = ids.client(
+        _info(
+            proc={"pid": "5", "name": "python3", "host": "h"},
+            **{"amqp.client_properties": {"connection_name": "nova-conductor"}},
+        )
+    )
     assert (c.key, c.name) == ("pid:h:5", "nova-conductor")
     # a process serving behind a proxy is named after it, whatever it says of itself
     ids.upstream("nova-api", [{"pid": "5", "host": "h"}])
-    c = ids.client(_info(proc={"pid": "5", "name": "uwsgi", "host": "h"},
-                         **{"mysql.connect_attrs": {"program_name": "pymysql"}}))
+    c = ids.client(
+        _info(
+            proc={"pid": "5", "name": "uwsgi", "host": "h"},
+            **{"mysql.connect_attrs": {"program_name": "pymysql"}},
+        )
+    )
     assert c.name == "nova-api"
     # reverse DNS when nothing else knows (compose service names)
     c = ids.client(_info(rdns={"name": "glance-api"}))
@@ -124,7 +142,10 @@ def test_a_connection_too_short_for_proc_joins_the_only_process_of_its_name() ->
 
 
 def test_process_names() -> None:
-    assert process_name("/usr/bin/python3.11", ["python3", "-m", "nova.cmd.api", "--x"]) == "nova.cmd.api"
+    assert (
+        process_name("/usr/bin/python3.11", ["python3", "-m", "nova.cmd.api", "--x"])
+        == "nova.cmd.api"
+    )
     assert process_name("/usr/bin/python3", ["python3", "-u", "/opt/svc/worker.py"]) == "worker"
     assert process_name("/usr/sbin/uwsgi", ["uwsgi", "--ini", "x"]) == "uwsgi"
 

@@ -26,8 +26,14 @@ local = threading.local()
 def resources() -> Any:
     if not hasattr(local, "db"):
         local.db = db(args.db_port, "api", args.database)
-        local.amqp = pika.BlockingConnection(pika.ConnectionParameters(
-            "127.0.0.1", args.amqp_port, heartbeat=0, client_properties={"connection_name": "api"}))
+        local.amqp = pika.BlockingConnection(
+            pika.ConnectionParameters(
+                "127.0.0.1",
+                args.amqp_port,
+                heartbeat=0,
+                client_properties={"connection_name": "api"},
+            )
+        )
         local.ch = local.amqp.channel()
         local.reply_q = local.ch.queue_declare("", exclusive=True).method.queue
         local.replies = {}
@@ -53,18 +59,38 @@ def create_server(rid: str, unit: str, body: dict[str, Any]) -> str:
     inst = str(uuid.uuid4())
     tok = token()
     sql(r, unit, "START TRANSACTION /* {gt} */")
-    sql(r, unit, "INSERT INTO instances (uuid, name, image, state, gt) VALUES (%s, %s, %s, 'building', {gt})",
-        (inst, body.get("name", "vm"), body["image"]))
-    sql(r, unit, "INSERT INTO instance_actions (instance_uuid, action, request_id, gt) "
-                 "VALUES (%s, 'create', %s, {gt})", (inst, rid))
+    sql(
+        r,
+        unit,
+        "INSERT INTO instances (uuid, name, image, state, gt) VALUES (%s, %s, %s, 'building', {gt})",
+        (inst, body.get("name", "vm"), body["image"]),
+    )
+    sql(
+        r,
+        unit,
+        "INSERT INTO instance_actions (instance_uuid, action, request_id, gt) "
+        "VALUES (%s, 'create', %s, {gt})",
+        (inst, rid),
+    )
     sql(r, unit, "COMMIT /* {gt} */")
     # RPC call: select_destinations (oslo.messaging-style message)
     msg_id = uuid.uuid4().hex
     tok = token()
-    r.ch.basic_publish("", f"scheduler-{args.suffix}", oslo_envelope({
-        "method": "select_destinations", "args": {"instance_uuid": inst},
-        "_context_request_id": rid, "_msg_id": msg_id, "_reply_q": r.reply_q, "_unique_id": uuid.uuid4().hex,
-    }), pika.BasicProperties(reply_to=r.reply_q, correlation_id=msg_id, message_id=tok))
+    r.ch.basic_publish(
+        "",
+        f"scheduler-{args.suffix}",
+        oslo_envelope(
+            {
+                "method": "select_destinations",
+                "args": {"instance_uuid": inst},
+                "_context_request_id": rid,
+                "_msg_id": msg_id,
+                "_reply_q": r.reply_q,
+                "_unique_id": uuid.uuid4().hex,
+            }
+        ),
+        pika.BasicProperties(reply_to=r.reply_q, correlation_id=msg_id, message_id=tok),
+    )
     gt.call(f"amqp:{tok}", unit)
     deadline = time.time() + 20
     while msg_id not in r.replies and time.time() < deadline:
@@ -72,10 +98,19 @@ def create_server(rid: str, unit: str, body: dict[str, Any]) -> str:
     host = r.replies.pop(msg_id)["result"]
     sql(r, unit, "UPDATE instances SET host = %s, gt = {gt} WHERE uuid = %s", (host, inst))
     tok = token()
-    r.ch.basic_publish("", f"compute-{args.suffix}", oslo_envelope({
-        "method": "build_and_run_instance", "args": {"instance_uuid": inst, "image": body["image"]},
-        "_context_request_id": rid, "_unique_id": uuid.uuid4().hex,
-    }), pika.BasicProperties(message_id=tok))
+    r.ch.basic_publish(
+        "",
+        f"compute-{args.suffix}",
+        oslo_envelope(
+            {
+                "method": "build_and_run_instance",
+                "args": {"instance_uuid": inst, "image": body["image"]},
+                "_context_request_id": rid,
+                "_unique_id": uuid.uuid4().hex,
+            }
+        ),
+        pika.BasicProperties(message_id=tok),
+    )
     gt.call(f"amqp:{tok}", unit)
     return inst
 
@@ -86,7 +121,7 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *a: Any) -> None:
         pass
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         q = parse_qs(urlsplit(self.path).query)
         unit = f"http:{q['gt'][0]}"
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")

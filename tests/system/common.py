@@ -23,14 +23,18 @@ def token() -> str:
 
 class GroundTruth:
     def __init__(self, path: str, component: str) -> None:
-        self.f = open(path, "a", buffering=1)
+        self.f = open(path, "a", buffering=1)  # noqa: SIM115 -- held for the service's lifetime
         self.component = component
         self.lock = threading.Lock()
 
     def call(self, call: str, cause: str | None) -> None:
         with self.lock:
-            self.f.write(json.dumps({"component": self.component, "pid": os.getpid(), "call": call,
-                                     "cause": cause}) + "\n")
+            self.f.write(
+                json.dumps(
+                    {"component": self.component, "pid": os.getpid(), "call": call, "cause": cause}
+                )
+                + "\n"
+            )
 
     def unit_done(self, unit: str) -> None:
         with self.lock:
@@ -47,8 +51,15 @@ def oslo_open(body: bytes) -> dict[str, Any]:
 
 
 def db(port: int, name: str, database: str) -> pymysql.connections.Connection:
-    return pymysql.connect(host="127.0.0.1", port=port, user="root", password="", database=database,
-                           autocommit=True, program_name=name)
+    return pymysql.connect(
+        host="127.0.0.1",
+        port=port,
+        user="root",
+        password="",
+        database=database,
+        autocommit=True,
+        program_name=name,
+    )
 
 
 SCHEMA = [
@@ -69,10 +80,14 @@ def setup_database(port: int, database: str, images: list[str]) -> None:
         c.execute(f"USE {database}")
         for stmt in SCHEMA:
             c.execute(stmt)
-        c.executemany("INSERT INTO compute_nodes (id, host, free_ram_mb) VALUES (%s, %s, %s)",
-                      [(i, f"compute-{i}", 10**9) for i in range(1, 21)])
-        c.executemany("INSERT INTO images (id, name, size) VALUES (%s, %s, %s)",
-                      [(img, f"image-{n}", 1000 + n) for n, img in enumerate(images)])
+        c.executemany(
+            "INSERT INTO compute_nodes (id, host, free_ram_mb) VALUES (%s, %s, %s)",
+            [(i, f"compute-{i}", 10**9) for i in range(1, 21)],
+        )
+        c.executemany(
+            "INSERT INTO images (id, name, size) VALUES (%s, %s, %s)",
+            [(img, f"image-{n}", 1000 + n) for n, img in enumerate(images)],
+        )
     conn.close()
 
 

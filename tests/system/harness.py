@@ -79,13 +79,24 @@ class System:
         self.sniff: SniffProcess | None = None
         setup_database(3306, self.database, self.images)
         if sniff:
-            self.sniff = SniffProcess(tmp, [
-                {"name": "rabbitmq", "protocol": "amqp", "upstream": "127.0.0.1:5672"},
-                {"name": "mariadb", "protocol": "mysql", "upstream": "127.0.0.1:3306",
-                 "capture_sql_literals": True},
-                {"name": "api", "protocol": "http", "upstream": f"127.0.0.1:{self.api_port}"},
-                {"name": "image", "protocol": "http", "upstream": f"127.0.0.1:{self.image_port}"},
-            ]).start()
+            self.sniff = SniffProcess(
+                tmp,
+                [
+                    {"name": "rabbitmq", "protocol": "amqp", "upstream": "127.0.0.1:5672"},
+                    {
+                        "name": "mariadb",
+                        "protocol": "mysql",
+                        "upstream": "127.0.0.1:3306",
+                        "capture_sql_literals": True,
+                    },
+                    {"name": "api", "protocol": "http", "upstream": f"127.0.0.1:{self.api_port}"},
+                    {
+                        "name": "image",
+                        "protocol": "http",
+                        "upstream": f"127.0.0.1:{self.image_port}",
+                    },
+                ],
+            ).start()
             self.amqp, self.db = self.sniff.port(0), self.sniff.port(1)
             self.api_url = f"http://127.0.0.1:{self.sniff.port(2)}"
             self.image_via = self.sniff.port(3)
@@ -95,8 +106,12 @@ class System:
             self.image_via = self.image_port
 
     def _spawn(self, module: str, *args: Any) -> None:
-        p = subprocess.Popen([sys.executable, "-m", f"tests.system.{module}", *map(str, args)],
-                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        p = subprocess.Popen(
+            [sys.executable, "-m", f"tests.system.{module}", *map(str, args)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert p.stdout is not None
         line = p.stdout.readline()
         if line.strip() != "ready":
@@ -107,12 +122,40 @@ class System:
         common = ["--database", self.database, "--gt", self.gt_path]
         self._spawn("image", "--port", self.image_port, "--db-port", self.db, *common)
         for _ in range(2):
-            self._spawn("scheduler", "--db-port", self.db, "--amqp-port", self.amqp, "--suffix", self.suffix,
-                        *common)
-            self._spawn("worker", "--db-port", self.db, "--amqp-port", self.amqp, "--image-port",
-                        self.image_via, "--suffix", self.suffix, *common)
-        self._spawn("api", "--port", self.api_port, "--db-port", self.db, "--amqp-port", self.amqp,
-                    "--suffix", self.suffix, *common)
+            self._spawn(
+                "scheduler",
+                "--db-port",
+                self.db,
+                "--amqp-port",
+                self.amqp,
+                "--suffix",
+                self.suffix,
+                *common,
+            )
+            self._spawn(
+                "worker",
+                "--db-port",
+                self.db,
+                "--amqp-port",
+                self.amqp,
+                "--image-port",
+                self.image_via,
+                "--suffix",
+                self.suffix,
+                *common,
+            )
+        self._spawn(
+            "api",
+            "--port",
+            self.api_port,
+            "--db-port",
+            self.db,
+            "--amqp-port",
+            self.amqp,
+            "--suffix",
+            self.suffix,
+            *common,
+        )
         return self
 
     def load(self, requests_total: int, concurrency: int) -> list[str]:
@@ -126,8 +169,12 @@ class System:
             if not hasattr(local, "s"):
                 local.s = requests.Session()
             tok = f"gt-{uuid.uuid4().hex[:12]}"
-            r = local.s.post(f"{self.api_url}/v2.1/servers?gt={tok}", json={"name": f"vm{i}", "image": images[i]},
-                             headers={"X-Request-ID": f"req-{uuid.uuid4()}"}, timeout=60)
+            r = local.s.post(
+                f"{self.api_url}/v2.1/servers?gt={tok}",
+                json={"name": f"vm{i}", "image": images[i]},
+                headers={"X-Request-ID": f"req-{uuid.uuid4()}"},
+                timeout=60,
+            )
             r.raise_for_status()
             return tok
 
@@ -138,8 +185,11 @@ class System:
     def wait_done(self, casts: int, timeout: float = 120) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
-            done = sum(1 for line in self.gt_path.read_text().splitlines()
-                       if '"component": "worker"' in line and '"done"' in line)
+            done = sum(
+                1
+                for line in self.gt_path.read_text().splitlines()
+                if '"component": "worker"' in line and '"done"' in line
+            )
             if done >= casts:
                 time.sleep(0.5)
                 return
@@ -206,8 +256,10 @@ def score(spans: list[Any], gt: list[dict[str, Any]], roots: list[str]) -> Score
             verdict = "linked"
         elif span.parent_id is not None:
             verdict = "wrong"
-            sc.wrong_examples.append(f"{comp} {span.name} ({method}) parent {span.parent_id} "
-                                     f"expected {expected.span_id} {expected.name}")
+            sc.wrong_examples.append(
+                f"{comp} {span.name} ({method}) parent {span.parent_id} "
+                f"expected {expected.span_id} {expected.name}"
+            )
         else:
             verdict = "unattached"
         setattr(sc, verdict, getattr(sc, verdict) + 1)

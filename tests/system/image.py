@@ -23,7 +23,7 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *a: Any) -> None:
         pass
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         if not hasattr(local, "db"):
             local.db = db(args.db_port, "image", args.database)
         parts = urlsplit(self.path)
@@ -31,7 +31,9 @@ class Handler(BaseHTTPRequestHandler):
         image_id = parts.path.rsplit("/", 1)[1]
         tok = token()
         with local.db.cursor() as c:
-            c.execute(f"SELECT id, name, size FROM images WHERE id = %s AND '{tok}' <> ''", (image_id,))
+            c.execute(
+                f"SELECT id, name, size FROM images WHERE id = %s AND '{tok}' <> ''", (image_id,)
+            )
             row = c.fetchone()
         gt.call(f"sql:{tok}", unit)
         out = json.dumps({"id": row[0], "name": row[1], "size": row[2]}).encode()

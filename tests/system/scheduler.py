@@ -22,8 +22,14 @@ def main() -> None:
     args = ap.parse_args()
     gt = GroundTruth(args.gt, "scheduler")
     conn = db(args.db_port, "scheduler", args.database)
-    amqp = pika.BlockingConnection(pika.ConnectionParameters(
-        "127.0.0.1", args.amqp_port, heartbeat=0, client_properties={"connection_name": "scheduler"}))
+    amqp = pika.BlockingConnection(
+        pika.ConnectionParameters(
+            "127.0.0.1",
+            args.amqp_port,
+            heartbeat=0,
+            client_properties={"connection_name": "scheduler"},
+        )
+    )
     ch = amqp.channel()
     ch.queue_declare(f"scheduler-{args.suffix}", auto_delete=True)
     ch.basic_qos(prefetch_count=1)
@@ -33,18 +39,27 @@ def main() -> None:
         msg = oslo_open(body)
         with conn.cursor() as cur:
             tok = token()
-            cur.execute(f"SELECT id, host FROM compute_nodes WHERE free_ram_mb > 512 AND '{tok}' <> '' "
-                        "ORDER BY free_ram_mb DESC LIMIT 1")
+            cur.execute(
+                f"SELECT id, host FROM compute_nodes WHERE free_ram_mb > 512 AND '{tok}' <> '' "
+                "ORDER BY free_ram_mb DESC LIMIT 1"
+            )
             node_id, host = cur.fetchone()
             gt.call(f"sql:{tok}", unit)
             tok = token()
-            cur.execute(f"UPDATE compute_nodes SET free_ram_mb = free_ram_mb - 512, gt = '{tok}' WHERE id = %s",
-                        (node_id,))
+            cur.execute(
+                f"UPDATE compute_nodes SET free_ram_mb = free_ram_mb - 512, gt = '{tok}' WHERE id = %s",
+                (node_id,),
+            )
             gt.call(f"sql:{tok}", unit)
         tok = token()
-        c.basic_publish("", props.reply_to, oslo_envelope({
-            "result": host, "_msg_id": msg["_msg_id"], "_unique_id": uuid.uuid4().hex}),
-            pika.BasicProperties(correlation_id=props.correlation_id, message_id=tok))
+        c.basic_publish(
+            "",
+            props.reply_to,
+            oslo_envelope(
+                {"result": host, "_msg_id": msg["_msg_id"], "_unique_id": uuid.uuid4().hex}
+            ),
+            pika.BasicProperties(correlation_id=props.correlation_id, message_id=tok),
+        )
         gt.call(f"amqp:{tok}", unit)
         c.basic_ack(method.delivery_tag)
         gt.unit_done(unit)

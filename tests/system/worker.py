@@ -23,8 +23,14 @@ def main() -> None:
     gt = GroundTruth(args.gt, "worker")
     conn = db(args.db_port, "worker", args.database)
     images = http.client.HTTPConnection("127.0.0.1", args.image_port, timeout=20)
-    amqp = pika.BlockingConnection(pika.ConnectionParameters(
-        "127.0.0.1", args.amqp_port, heartbeat=0, client_properties={"connection_name": "worker"}))
+    amqp = pika.BlockingConnection(
+        pika.ConnectionParameters(
+            "127.0.0.1",
+            args.amqp_port,
+            heartbeat=0,
+            client_properties={"connection_name": "worker"},
+        )
+    )
     ch = amqp.channel()
     ch.queue_declare(f"compute-{args.suffix}", auto_delete=True)
     ch.basic_qos(prefetch_count=1)
@@ -34,8 +40,10 @@ def main() -> None:
         msg = oslo_open(body)["args"]
         with conn.cursor() as cur:
             tok = token()
-            cur.execute("UPDATE instances SET state = 'spawning', gt = %s WHERE uuid = %s",
-                        (tok, msg["instance_uuid"]))
+            cur.execute(
+                "UPDATE instances SET state = 'spawning', gt = %s WHERE uuid = %s",
+                (tok, msg["instance_uuid"]),
+            )
             gt.call(f"sql:{tok}", unit)
         tok = token()
         images.request("GET", f"/v2/images/{msg['image']}?gt={tok}")
@@ -44,8 +52,10 @@ def main() -> None:
         gt.call(f"http:{tok}", unit)
         with conn.cursor() as cur:
             tok = token()
-            cur.execute("INSERT INTO instance_actions (instance_uuid, action, gt) VALUES (%s, 'spawn', %s)",
-                        (msg["instance_uuid"], tok))
+            cur.execute(
+                "INSERT INTO instance_actions (instance_uuid, action, gt) VALUES (%s, 'spawn', %s)",
+                (msg["instance_uuid"], tok),
+            )
             gt.call(f"sql:{tok}", unit)
         c.basic_ack(method.delivery_tag)
         gt.unit_done(unit)

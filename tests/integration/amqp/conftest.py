@@ -16,8 +16,10 @@ def sniff_amqp(sniff_run: Any) -> Iterator[SniffProcess]:
     require_server("rabbitmq")
     # these tests play several components in one process; name them by their AMQP
     # connection_name rather than by pid (identity itself is tested in tests/integration/test_identity.py)
-    yield sniff_run([{"name": "rabbitmq", "protocol": "amqp", "upstream": "127.0.0.1:5672"}],
-                    identify_processes=False)
+    yield sniff_run(
+        [{"name": "rabbitmq", "protocol": "amqp", "upstream": "127.0.0.1:5672"}],
+        identify_processes=False,
+    )
 
 
 def qname(tag: str) -> str:

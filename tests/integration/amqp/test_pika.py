@@ -128,7 +128,7 @@ def test_existing_traceparent_is_kept(sniff_amqp: Any) -> None:
     ch = conn.channel()
     ch.queue_declare(q, auto_delete=True)
     ch.basic_publish("", q, b"hello", pika.BasicProperties(headers={"traceparent": TP, "other": 1}))
-    m, props, body = ch.basic_get(q, auto_ack=True)
+    _m, props, body = ch.basic_get(q, auto_ack=True)
     conn.close()
     assert props.headers == {"traceparent": TP, "other": 1} and body == b"hello"
     sniff_amqp.stop()
@@ -233,7 +233,7 @@ def test_consumer_dies_mid_delivery(sniff_amqp: Any) -> None:
     m = None
     deadline = time.time() + 10
     while m is None and time.time() < deadline:
-        m, props, body = ch.basic_get(q)
+        m, _props, body = ch.basic_get(q)
         time.sleep(0.05)
     assert m is not None and m.redelivered and body == b"work"
     ch.basic_ack(m.delivery_tag)

@@ -7,6 +7,7 @@ import glob
 import socket
 from typing import Any
 
+import amqp.exceptions
 import kombu
 import pika
 import pytest
@@ -29,11 +30,13 @@ def test_credentials_are_never_stored(sniff_amqp: Any) -> None:
                 "127.0.0.1", port, credentials=pika.PlainCredentials("guest", SECRET), heartbeat=0
             )
         )
-    with pytest.raises(Exception):  # AMQPLAIN (py-amqp, as kombu uses it)
-        with kombu.Connection(
+    with (
+        pytest.raises(amqp.exceptions.AMQPError),  # AMQPLAIN (py-amqp, as kombu uses it)
+        kombu.Connection(
             f"amqp://guest:{SECRET}@127.0.0.1:{port}//", login_method="AMQPLAIN", connect_timeout=5
-        ) as c:
-            c.connect()
+        ) as c,
+    ):
+        c.connect()
     good = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", port, heartbeat=0))
     good.close()
     sniff_amqp.stop()
@@ -67,7 +70,7 @@ def test_garbage_client_goes_passthrough_and_others_carry_on(sniff_amqp: Any) ->
         except OSError:
             pass
     ch.basic_publish("", q, b"still fine")
-    m, props, body = ch.basic_get(q, auto_ack=True)
+    _m, props, body = ch.basic_get(q, auto_ack=True)
     assert body == b"still fine" and "traceparent" in props.headers
     good.close()
     sniff_amqp.stop()

@@ -23,26 +23,92 @@ def tid() -> str:
 
 
 def conn_open(conn: int, ts: int, pid: int | None = None, name: str = "svc") -> list[Event]:
-    out: list[Event] = [ConnOpen(ts, conn, "rabbitmq", "amqp", "127.0.0.1", 40000 + conn, "127.0.0.1",
-                                 5672, "127.0.0.1", 5673)]
+    out: list[Event] = [
+        ConnOpen(
+            ts,
+            conn,
+            "rabbitmq",
+            "amqp",
+            "127.0.0.1",
+            40000 + conn,
+            "127.0.0.1",
+            5672,
+            "127.0.0.1",
+            5673,
+        )
+    ]
     out.append(ConnIdentity(ts, conn, "amqp.client_properties", {"connection_name": name}))
     if pid is not None:
-        out.append(ConnIdentity(ts + 20 * MS, conn, "proc", {"pid": str(pid), "name": name, "host": "h"}))
+        out.append(
+            ConnIdentity(ts + 20 * MS, conn, "proc", {"pid": str(pid), "name": name, "host": "h"})
+        )
     return out
 
 
-def deliver(conn: int, ts: int, tag: int, body_ids: dict[str, str] | None = None, no_ack: bool = False,
-            ch: int = 1, props: dict[str, Any] | None = None) -> AmqpDeliver:
+def deliver(
+    conn: int,
+    ts: int,
+    tag: int,
+    body_ids: dict[str, str] | None = None,
+    no_ack: bool = False,
+    ch: int = 1,
+    props: dict[str, Any] | None = None,
+) -> AmqpDeliver:
     trace, span = tid(), sid()
-    return AmqpDeliver(ts, conn, ch, "ctag", tag, False, "", "q", "q", no_ack, props or {}, None, 10,
-                       ts + MS, f"00-{trace}-{sid()}-01", trace, span, b"", body_ids)
+    return AmqpDeliver(
+        ts,
+        conn,
+        ch,
+        "ctag",
+        tag,
+        False,
+        "",
+        "q",
+        "q",
+        no_ack,
+        props or {},
+        None,
+        10,
+        ts + MS,
+        f"00-{trace}-{sid()}-01",
+        trace,
+        span,
+        b"",
+        body_ids,
+    )
 
 
-def publish(conn: int, ts: int, rk: str = "out", body_ids: dict[str, str] | None = None,
-            props: dict[str, Any] | None = None) -> AmqpPublish:
+def publish(
+    conn: int,
+    ts: int,
+    rk: str = "out",
+    body_ids: dict[str, str] | None = None,
+    props: dict[str, Any] | None = None,
+) -> AmqpPublish:
     trace, span = tid(), sid()
-    return AmqpPublish(ts, conn, 1, "", rk, False, props or {}, None, 10, ts + MS, trace, span, None,
-                       f"00-{trace}-{span}-01", True, None, None, False, None, b"", body_ids)
+    return AmqpPublish(
+        ts,
+        conn,
+        1,
+        "",
+        rk,
+        False,
+        props or {},
+        None,
+        10,
+        ts + MS,
+        trace,
+        span,
+        None,
+        f"00-{trace}-{span}-01",
+        True,
+        None,
+        None,
+        False,
+        None,
+        b"",
+        body_ids,
+    )
 
 
 def settle(conn: int, ts: int, tag: int, ch: int = 1) -> AmqpSettle:
@@ -73,7 +139,9 @@ def test_timing_one_unit_in_flight() -> None:
 def test_two_in_flight_gives_links_not_a_parent() -> None:
     d1, d2 = deliver(1, 100 * MS, 1), deliver(1, 101 * MS, 2)
     p = publish(1, 110 * MS)
-    spans = by_id(run([*conn_open(1, 0, pid=7), d1, d2, p, settle(1, 120 * MS, 1), settle(1, 121 * MS, 2)]))
+    spans = by_id(
+        run([*conn_open(1, 0, pid=7), d1, d2, p, settle(1, 120 * MS, 1), settle(1, 121 * MS, 2)])
+    )
     out = spans[p.span_id]
     assert out.parent_id is None
     assert out.attrs["sniff.correlation.confidence"] == 0.5
@@ -85,7 +153,9 @@ def test_shared_id_decides_among_several() -> None:
     d1 = deliver(1, 100 * MS, 1, body_ids={"json._context_request_id": "req-a"})
     d2 = deliver(1, 101 * MS, 2, body_ids={"json._context_request_id": "req-b"})
     p = publish(1, 110 * MS, body_ids={"json._context_request_id": "req-b"})
-    spans = by_id(run([*conn_open(1, 0, pid=7), d1, d2, p, settle(1, 120 * MS, 1), settle(1, 121 * MS, 2)]))
+    spans = by_id(
+        run([*conn_open(1, 0, pid=7), d1, d2, p, settle(1, 120 * MS, 1), settle(1, 121 * MS, 2)])
+    )
     out = spans[p.span_id]
     assert out.parent_id == d2.span_id and out.attrs["sniff.correlation.method"] == "shared_id"
 
@@ -111,8 +181,19 @@ def test_components_are_processes_resolved_after_the_fact() -> None:
     d = deliver(1, 100 * MS, 1)
     p_same = publish(2, 110 * MS)  # pid 7 too: same component as conn 1
     p_other = publish(3, 111 * MS)  # pid 8: another component, nothing in flight
-    spans = by_id(run([*conn_open(1, 0, pid=7), *conn_open(2, 0, pid=7, name="other-name"),
-                       *conn_open(3, 0, pid=8), d, p_same, p_other, settle(1, 120 * MS, 1)]))
+    spans = by_id(
+        run(
+            [
+                *conn_open(1, 0, pid=7),
+                *conn_open(2, 0, pid=7, name="other-name"),
+                *conn_open(3, 0, pid=8),
+                d,
+                p_same,
+                p_other,
+                settle(1, 120 * MS, 1),
+            ]
+        )
+    )
     assert spans[p_same.span_id].parent_id == d.span_id
     assert spans[p_other.span_id].parent_id is None
 
@@ -144,8 +225,19 @@ def test_attached_call_moves_its_consumers_into_the_root_trace() -> None:
     downstream = deliver(2, 130 * MS, 1)
     downstream.traceparent = p.traceparent
     downstream.trace_id = p.trace_id
-    spans = by_id(run([*conn_open(1, 0, pid=7), *conn_open(2, 0, pid=8), d, p, settle(1, 120 * MS, 1),
-                       downstream, settle(2, 140 * MS, 1)]))
+    spans = by_id(
+        run(
+            [
+                *conn_open(1, 0, pid=7),
+                *conn_open(2, 0, pid=8),
+                d,
+                p,
+                settle(1, 120 * MS, 1),
+                downstream,
+                settle(2, 140 * MS, 1),
+            ]
+        )
+    )
     root_trace = spans[d.span_id].trace_id
     assert spans[p.span_id].trace_id == root_trace
     assert spans[downstream.span_id].trace_id == root_trace
@@ -169,8 +261,13 @@ def test_state_is_bounded() -> None:
 def test_conn_close_ends_units() -> None:
     d = deliver(1, 100 * MS, 1)
     p = publish(2, 300 * MS)  # same process, after the consumer's connection died
-    events = [*conn_open(1, 0, pid=7), *conn_open(2, 0, pid=7), d,
-              ConnClose(200 * MS, 1, "client closed", "client", 1, 1), p]
+    events = [
+        *conn_open(1, 0, pid=7),
+        *conn_open(2, 0, pid=7),
+        d,
+        ConnClose(200 * MS, 1, "client closed", "client", 1, 1),
+        p,
+    ]
     spans = by_id(run(events))
     assert spans[d.span_id].status == "ERROR"
     assert spans[p.span_id].parent_id is None
