@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,9 +115,11 @@ class Causal:
         self._seq = itertools.count()
         self._pending: dict[str, int] = {}  # span id -> notifications not yet processed
         self._held: dict[str, Span] = {}  # finished spans waiting for their notifications
-        # spans ready to go, released once event time passes their end + lag (so that
-        # identities resolved a little later name them)
-        self._ready: list[tuple[int, int, Span]] = []
+        # spans ready to go, released once event time is lag past the moment they were
+        # finished (so that identities resolved a little later name them): in the order
+        # they were finished, which is event-time order
+        self._ready: deque[tuple[int, Span]] = deque()
+        self.now = 0
         self.units: dict[str, Unit] = {}  # span id -> unit
         self._by_comp: dict[str, _Comp] = {}
         self._ended: list[tuple[int, str]] = []  # (end ts, span id) heap, for forgetting
@@ -170,7 +173,7 @@ class Causal:
         if self._pending.get(span.span_id):
             self._held[span.span_id] = span
         else:
-            heapq.heappush(self._ready, (span.end, next(self._seq), span))
+            self._ready.append((self.now, span))
 
     def _push(self, ts: int, kind: int, payload: Any, span_id: str | None) -> None:
         if span_id is not None:
@@ -180,6 +183,8 @@ class Causal:
     # --- processing --------------------------------------------------------------------------
 
     def advance(self, now: int) -> None:
+        if now > self.now:
+            self.now = now
         limit = now - self.lag_ns
         heap = self._heap
         while heap and heap[0][0] <= limit:
@@ -187,7 +192,7 @@ class Causal:
             self._process(ts, kind, payload)
         ready = self._ready
         while ready and ready[0][0] <= limit:
-            self._release(heapq.heappop(ready)[2])
+            self._release(ready.popleft()[1])
         self._forget(limit)
 
     def drain(self) -> None:
@@ -201,7 +206,7 @@ class Causal:
         self._held.clear()
         self._pending.clear()
         while self._ready:
-            self._release(heapq.heappop(self._ready)[2])
+            self._release(self._ready.popleft()[1])
 
     def _done(self, span_id: str) -> None:
         n = self._pending.get(span_id, 0) - 1
@@ -211,7 +216,8 @@ class Causal:
         self._pending.pop(span_id, None)
         span = self._held.pop(span_id, None)
         if span is not None:
-            heapq.heappush(self._ready, (span.end, next(self._seq), span))
+            # its notifications were processed lag_ns after they happened: it has waited
+            self._release(span)
 
     def _process(self, ts: int, kind: int, payload: Any) -> None:
         if kind == _UNIT:

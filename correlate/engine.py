@@ -77,6 +77,7 @@ class Correlator:
         self._builders: dict[str, SpanBuilder | None] = {}
         self._out: list[Span] = []
         self._aliases: dict[str, str] = {}
+        self._alias_ts: dict[str, int] = {}  # insertion (event-time) order, for trimming
         self.now = 0
         self._next_expire = 0
         self.stats: dict[str, int] = {"events": 0, "spans": 0, "expired": 0, "unknown_conn": 0}
@@ -126,6 +127,7 @@ class Correlator:
             if b is not None:
                 b.feed(ev)  # type: ignore[union-attr]
         causal = self.causal
+        causal.now = self.now
         limit = ts - causal.lag_ns
         if (causal._heap and causal._heap[0][0] <= limit) or (
             causal._ready and causal._ready[0][0] <= limit
@@ -234,7 +236,25 @@ class Correlator:
 
     def alias(self, wire_trace: str, canonical: str) -> None:
         if wire_trace != canonical:
-            self._aliases[wire_trace] = self.trace(canonical)
+            aliases = self._aliases
+            aliases[wire_trace] = self.trace(canonical)
+            self._alias_ts[wire_trace] = self.now
+            if (
+                len(self._alias_ts) > 1024
+                and next(iter(self._alias_ts.values())) < self.now - self.ttl_ns
+            ):
+                self._trim_aliases()
+
+    def _trim_aliases(self) -> None:
+        """Aliases outlive the spans that need them by the TTL at most."""
+        limit = self.now - self.ttl_ns
+        ts_of = self._alias_ts
+        while ts_of:
+            trace, ts = next(iter(ts_of.items()))
+            if ts >= limit:
+                break
+            del ts_of[trace]
+            self._aliases.pop(trace, None)
 
     def trace(self, trace_id: str) -> str:
         seen = 0
@@ -256,9 +276,7 @@ class Correlator:
                 else self.identities.client(info)
             )
             span.service = comp.name
-            res = dict(span.resource)
-            res.update(comp.resource)
-            span.resource = res
+            span.resource = comp.resource  # shared by the component's spans; never mutated
         if self._aliases:
             span.trace_id = self.trace(span.trace_id)
             for link in span.links:

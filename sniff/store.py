@@ -25,7 +25,7 @@ SQL (``json_extract(data, '$.field')``) aggregate over events without Python.
 
 from __future__ import annotations
 
-import heapq
+import bisect
 import logging
 import os
 import socket
@@ -95,6 +95,10 @@ def encode_chunk(batch: list[Event]) -> tuple[str, int, int]:
 
 def _ts(ev: Event) -> int:
     return ev.ts
+
+
+def _item_ts(item: list[Any]) -> int:
+    return int(item[1].get("ts", 0))
 
 
 class Recorder:
@@ -354,41 +358,37 @@ class CaptureReader:
         wanted = set(kinds) if kinds else None
         # Chunks are sorted inside. Most do not overlap the next one and are yielded
         # as they are; where they do (a late event, merged captures), the events not
-        # yet safe to yield wait in a heap until the next chunk's ts_min passes them.
-        heap: list[tuple[int, int, str, dict[str, Any]]] = []
-        seq = 0
+        # yet safe to yield are carried to the next chunk and sorted with it (Timsort
+        # merges the two sorted runs in C, far cheaper than a heap per event).
+        carry: list[list[Any]] = []
         cur = self.db.execute(sql, args)
         row = cur.fetchone()
         while row is not None:
             nxt = cur.fetchone()
             boundary = nxt[0] if nxt is not None else None
-            items = orjson.loads(row[1])
-            if not heap and (boundary is None or items[-1][1].get("ts", 0) < boundary):
-                for kind, d in items:  # the fast path: nothing to merge with
-                    if wanted is not None and kind not in wanted:
-                        continue
-                    if since_ns is not None or until_ns is not None:
-                        ts = d.get("ts", 0)
-                        if (since_ns is not None and ts < since_ns) or (
-                            until_ns is not None and ts > until_ns
-                        ):
-                            continue
-                    yield kind, d
-            else:
-                for kind, d in items:
-                    if wanted is not None and kind not in wanted:
-                        continue
-                    ts = d.get("ts", 0)
-                    if (since_ns is not None and ts < since_ns) or (
-                        until_ns is not None and ts > until_ns
-                    ):
-                        continue
-                    heapq.heappush(heap, (ts, seq, kind, d))
-                    seq += 1
-                while heap and (boundary is None or heap[0][0] < boundary):
-                    _, _, kind, d = heapq.heappop(heap)
-                    yield kind, d
+            items: list[list[Any]] = orjson.loads(row[1])
+            if wanted is not None:
+                items = [it for it in items if it[0] in wanted]
+            if since_ns is not None or until_ns is not None:
+                items = [
+                    it
+                    for it in items
+                    if (since_ns is None or it[1].get("ts", 0) >= since_ns)
+                    and (until_ns is None or it[1].get("ts", 0) <= until_ns)
+                ]
+            if carry:
+                items = carry + items
+                items.sort(key=_item_ts)
+                carry = []
+            if boundary is not None and items and items[-1][1].get("ts", 0) >= boundary:
+                cut = bisect.bisect_left(items, boundary, key=_item_ts)
+                carry = items[cut:]
+                items = items[:cut]
+            for kind, d in items:
+                yield kind, d
             row = nxt
+        for kind, d in carry:
+            yield kind, d
 
     def events(
         self,
