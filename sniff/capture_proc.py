@@ -59,12 +59,19 @@ class CaptureShipper:
     """Proxy side: ``emit`` events; they are written by a child capture process."""
 
     def __init__(
-        self, settings: dict[str, Any], max_queue: int = 200_000, interval: float = 0.05
+        self,
+        settings: dict[str, Any],
+        max_queue: int = 200_000,
+        interval: float = 0.05,
+        max_raw_bytes: int = 256 * 1024 * 1024,
     ) -> None:
         self.path = str(settings["capture"])
         self.max_queue = max_queue
         self.interval = interval
+        self.max_raw_bytes = max_raw_bytes
+        self.raw_bytes = 0  # raw bytes queued, not yet shipped
         self.dropped = 0
+        self.dropped_raw_bytes = 0
         self.shipped = 0
         self._q: deque[Event] = deque()
         self._stop = threading.Event()
@@ -98,6 +105,16 @@ class CaptureShipper:
             return
         self._q.append(ev)
 
+    def emit_raw(self, conn: int, direction: int, ts: int, data: bytes, meta: Any = None) -> bool:
+        """Forwarded bytes to decode in the capture process; False if over budget."""
+        n = len(data)
+        if self.raw_bytes + n > self.max_raw_bytes or len(self._q) >= self.max_queue:
+            self.dropped_raw_bytes += n
+            return False
+        self.raw_bytes += n
+        self._q.append(("core.raw", (ts, conn, direction, data, meta)))  # type: ignore[arg-type]
+        return True
+
     def emit_fields(self, cls: type[Event], values: tuple[Any, ...]) -> None:
         """An event given as its class and positional field values, shipped as is."""
         if len(self._q) >= self.max_queue:
@@ -118,9 +135,12 @@ class CaptureShipper:
             try:
                 getters = self._getters
                 rows = []
+                raw = 0
                 for ev in batch:
-                    if ev.__class__ is tuple:  # already (kind, values): emit_fields
+                    if ev.__class__ is tuple:  # already (kind, values): emit_fields, emit_raw
                         rows.append(ev)
+                        if ev[0] == "core.raw":  # type: ignore[index]
+                            raw += len(ev[1][3])  # type: ignore[index]
                         continue
                     g = getters.get(ev.__class__)
                     if g is None:
@@ -132,6 +152,7 @@ class CaptureShipper:
                 self._pipe.write(_frame(b"E", payload))
                 self._pipe.flush()
                 self.shipped += n
+                self.raw_bytes -= raw
             except (BrokenPipeError, OSError, ValueError):
                 self.dropped += n
                 if self.proc.poll() is not None:
@@ -226,8 +247,13 @@ def main() -> int:
         )
         listeners.append(live.on_batch)
     try:
+        from sniff.decode_host import proxies_from_settings
+
         rec = Recorder(
-            settings["capture"], listeners, identify=bool(settings.get("identify_processes"))
+            settings["capture"],
+            listeners,
+            identify=bool(settings.get("identify_processes")),
+            proxies=proxies_from_settings(settings.get("proxies", [])),
         )
     except Exception as e:
         print(f"error: {e}", flush=True)

@@ -148,7 +148,7 @@ def _type_name(t: type) -> str:
     }.get(t, t.__name__)
 
 
-_PROXY_KEYS = {"name", "protocol", "listen", "upstream", "inject", "connect_timeout"}
+_PROXY_KEYS = {"name", "protocol", "listen", "upstream", "inject", "connect_timeout", "decode"}
 
 
 def _proxy_from_table(t: dict[str, Any], key: str) -> ProxyConfig:
@@ -175,6 +175,12 @@ def _proxy_from_table(t: dict[str, Any], key: str) -> ProxyConfig:
     timeout = _check_type(t.get("connect_timeout", 5.0), float, f"{key}.connect_timeout")
     if timeout <= 0:
         raise ConfigError(f"{key}.connect_timeout: must be > 0 seconds, got {timeout}")
+    decode = t.get("decode", "capture")
+    if decode not in ("capture", "inline"):
+        raise ConfigError(
+            f'{key}.decode: {decode!r} is not "capture" (decode in the capture process, the default) '
+            'or "inline" (decode on the proxy\'s event loop)'
+        )
     spec = registry.options(proto)
     options: dict[str, Any] = {}
     for k, v in t.items():
@@ -192,6 +198,7 @@ def _proxy_from_table(t: dict[str, Any], key: str) -> ProxyConfig:
         options[k] = val
     for k, opt in spec.items():
         options.setdefault(k, opt.default)
+    options["decode"] = decode
     cfg = ProxyConfig(name.strip(), proto, listen, upstream, inject, timeout, options)
     registry.validate(cfg, key)
     return cfg

@@ -154,6 +154,27 @@ class ProxyUpstream(Event):
     processes: list[dict[str, str]]  # pid, name, exe, cmdline, host
 
 
+@event("core.raw")
+class RawChunk(Event):
+    """Bytes a proxy forwarded, shipped to the capture process to be decoded there
+    (``decode = "capture"``); consumed by the decoder host, never stored.
+    ``direction`` is 0 client->server, 1 server->client; ``ts`` is when the proxy
+    read them, the clock the decoder runs on; ``meta`` is protocol-specific (AMQP:
+    the traceparents the proxy injected into this chunk)."""
+
+    direction: int
+    data: bytes
+    meta: Any = None
+
+
+@event("core.raw_gap")
+class RawGap(Event):
+    """Raw bytes of a connection were dropped (the capture queue was full): its
+    decoding stops here; recorded as a Note."""
+
+    lost_bytes: int
+
+
 @event("core.note")
 class Note(Event):
     """Something a user should know that is not an error: a skipped injection,

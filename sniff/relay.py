@@ -104,7 +104,18 @@ HandlerFactory = Callable[["ConnContext"], Handler]
 class ConnContext:
     """What a handler may see and do: identity, events, side channels, close."""
 
-    __slots__ = ("_relay", "client", "conn_id", "emit_fields", "listen", "proxy", "server", "sink")
+    __slots__ = (
+        "_emit_raw",
+        "_relay",
+        "client",
+        "conn_id",
+        "emit_fields",
+        "gap",
+        "listen",
+        "proxy",
+        "server",
+        "sink",
+    )
 
     def __init__(
         self,
@@ -124,6 +135,26 @@ class ConnContext:
         self.listen = listen
         self.sink = sink
         self.emit_fields = emit_fields_of(sink)
+        self._emit_raw = getattr(sink, "emit_raw", None)
+        self.gap = False  # raw bytes were refused: this connection is no longer shipped
+
+    @property
+    def can_ship(self) -> bool:
+        """The sink decodes shipped bytes elsewhere (``decode = "capture"``)."""
+        return self._emit_raw is not None
+
+    def ship(self, direction: int, data: bytes, meta: Any = None) -> None:
+        """Ship a copy of forwarded bytes to be decoded in the capture process.
+        If the capture queue refuses them, the connection's decoding stops there
+        (a gap is recorded) and nothing more of it is shipped."""
+        if self.gap or not data:
+            return
+        assert self._emit_raw is not None
+        if not self._emit_raw(self.conn_id, direction, time.time_ns(), data, meta):
+            self.gap = True
+            from sniff.events import RawGap
+
+            self.sink.emit(RawGap(time.time_ns(), self.conn_id, len(data)))
 
     def emit(self, ev: Event) -> None:
         self.sink.emit(ev)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from sniff import __version__, registry
 from sniff.capture_proc import CaptureShipper
 from sniff.config import Config
+from sniff.decode_host import proxies_to_settings
 from sniff.relay import Listener, ListenError
 from sniff.store import BatchListener, CaptureWriter
 
@@ -61,6 +62,7 @@ class Runtime:
             "correlate": cfg.correlate,
             "otlp": cfg.export.otlp,
             "otlp_headers": cfg.export.otlp_headers,
+            "proxies": proxies_to_settings(cfg.proxies),
         }
 
     async def start(self) -> None:
@@ -83,6 +85,7 @@ class Runtime:
                 cfg.capture_queue,
                 on_batch=listeners_cb,
                 identify=cfg.identify_processes,
+                proxies=cfg.proxies,
             )
         try:
             for p in cfg.proxies:

@@ -112,7 +112,11 @@ class Recorder:
     """
 
     def __init__(
-        self, path: str | Path, on_batch: list[BatchListener] | None = None, identify: bool = False
+        self,
+        path: str | Path,
+        on_batch: list[BatchListener] | None = None,
+        identify: bool = False,
+        proxies: list[Any] | None = None,
     ) -> None:
         self.path = str(path)
         self.on_batch: list[BatchListener] = list(on_batch or [])
@@ -124,6 +128,10 @@ class Recorder:
         self._last_upstream_check = 0.0
         self._started = time.monotonic()
         self.resolver: Any = None
+        from sniff.decode_host import DecoderHost
+
+        # decodes the bytes that proxies in ``decode = "capture"`` mode ship here
+        self.host = DecoderHost(proxies or [])
         if identify:
             from sniff.procinfo import ProcResolver
 
@@ -147,6 +155,7 @@ class Recorder:
         self._db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", rows.items())
 
     def process(self, batch: list[Event]) -> None:
+        batch = self.host.expand(batch)
         if self.resolver is not None:
             self._identify(batch)
         while self._side:
@@ -255,14 +264,17 @@ class CaptureWriter:
         interval: float = 0.05,
         on_batch: list[BatchListener] | None = None,
         identify: bool = False,
+        proxies: list[Any] | None = None,
     ) -> None:
         self.path = str(path)
         self.max_queue = max_queue
         self.interval = interval
         self.dropped = 0
+        self.raw_bytes = 0
+        self.max_raw_bytes = 256 * 1024 * 1024
         self._q: deque[Event] = deque()
         self._stop = threading.Event()
-        self.recorder = Recorder(path, on_batch, identify)
+        self.recorder = Recorder(path, on_batch, identify, proxies)
         self._thread = threading.Thread(target=self._run, name="sniff-capture", daemon=True)
         self._thread.start()
 
@@ -281,6 +293,16 @@ class CaptureWriter:
     def emit_fields(self, cls: type[Event], values: tuple[Any, ...]) -> None:
         self.emit(cls(*values))
 
+    def emit_raw(self, conn: int, direction: int, ts: int, data: bytes, meta: Any = None) -> bool:
+        """Forwarded bytes, decoded by the recorder's thread; False if over budget."""
+        if self.raw_bytes + len(data) > self.max_raw_bytes or len(self._q) >= self.max_queue:
+            return False
+        self.raw_bytes += len(data)
+        from sniff.events import RawChunk
+
+        self._q.append(RawChunk(ts, conn, direction, data, meta))
+        return True
+
     # writer thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -297,7 +319,9 @@ class CaptureWriter:
         q = self._q
         while q:
             n = min(len(q), MAX_CHUNK)
-            self.recorder.process([q.popleft() for _ in range(n)])
+            batch = [q.popleft() for _ in range(n)]
+            self.raw_bytes -= sum(len(ev.data) for ev in batch if ev.kind == "core.raw")  # type: ignore[attr-defined]
+            self.recorder.process(batch)
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until everything emitted so far is written (for tests and shutdown)."""

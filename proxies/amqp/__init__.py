@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sniff.config import Option, ProxyConfig
 from sniff.relay import EventSink, Listener, RelayListener
 
@@ -31,9 +33,24 @@ def validate(cfg: ProxyConfig, key: str) -> None:
 
 def create_listener(cfg: ProxyConfig, sink: EventSink) -> Listener:
     from proxies.amqp.decoder import AmqpShared
-    from proxies.amqp.handler import AmqpHandler
+    from proxies.amqp.handler import AmqpCaptureHandler, AmqpHandler
 
-    shared = AmqpShared()
     body_head = int(cfg.options["body_scan_bytes"])
+    if cfg.options.get("decode", "capture") == "capture" and hasattr(sink, "emit_raw"):
+        return RelayListener(cfg, sink, lambda ctx: AmqpCaptureHandler(ctx, body_head))
+    shared = AmqpShared()
     keep = bool(cfg.options["capture_body"])
     return RelayListener(cfg, sink, lambda ctx: AmqpHandler(ctx, shared, body_head, keep))
+
+
+def make_decoder(cfg: ProxyConfig, conn: int, emit: Any, emit_fields: Any, clock: Any) -> Any:
+    """The capture-process decoder for one connection (see sniff.decode_host)."""
+    from proxies.amqp.decoder import AmqpDecoder
+    from proxies.amqp.handler import AmqpRawDecoder
+
+    return AmqpRawDecoder(
+        AmqpDecoder(
+            conn, emit, inject=False, clock=clock, emit_fields=emit_fields,
+            body_head=int(cfg.options["body_scan_bytes"]), keep_body=bool(cfg.options["capture_body"]),
+        )
+    )  # fmt: skip

@@ -232,6 +232,7 @@ class AmqpDecoder:
         release: Callable[[bytes], None] | None = None,
         keep_body: bool = False,
         emit_fields: Callable[[type[Event], tuple[Any, ...]], None] | None = None,
+        lean: bool = False,
     ) -> None:
         self.conn = conn
         self._emit = emit
@@ -242,7 +243,12 @@ class AmqpDecoder:
         self._clock = clock
         self._span_id = new_span_id
         self._trace_id = new_trace_id
-        self._head_max = body_head
+        # lean: the proxy side of decode = "capture": only the client stream, only
+        # what injection needs, no events (the capture process decodes a copy)
+        self.lean = lean
+        self.injected_now: list[str] = []  # span ids injected since take_injected()
+        self.sniff_injected: set[str] = set()  # capture side: span ids the proxy injected
+        self._head_max = 0 if lean else body_head
         self._keep_body = keep_body
         self._shared = shared if shared is not None else AmqpShared()
         self._release = release  # sends held client bytes upstream after a failure
@@ -614,6 +620,14 @@ class AmqpDecoder:
             self._finish(ch, chan, msg, now)  # type: ignore[arg-type]
         return new
 
+    def take_injected(self) -> list[str] | None:
+        """The span ids injected since the last call (shipped with the chunk)."""
+        got = self.injected_now
+        if not got:
+            return None
+        self.injected_now = []
+        return got
+
     def _publish_header(
         self,
         chan: _Chan,
@@ -626,6 +640,14 @@ class AmqpDecoder:
         rewrite: bool,
         now: int,
     ) -> bytes | None:
+        if tp is not None and self.sniff_injected:
+            parsed_own = ids.parse_traceparent(tp)
+            if parsed_own is not None and parsed_own[1] in self.sniff_injected:
+                # the proxy injected this one (decode = "capture"): it is our own span
+                self.sniff_injected.discard(parsed_own[1])
+                msg.trace_id, msg.span_id = parsed_own[0], parsed_own[1]
+                msg.injected = True
+                return None
         msg.span_id = self._span_id()
         parsed = ids.parse_traceparent(tp)
         if parsed is not None:  # an instrumented application: keep its context, parent under it
@@ -656,6 +678,8 @@ class AmqpDecoder:
         traceparent = ids.format_traceparent(msg.trace_id, msg.span_id)
         msg.traceparent = traceparent
         msg.injected = True
+        if self.lean:
+            self.injected_now.append(msg.span_id)
         return inject_traceparent(p, start, end, h, traceparent)
 
     def _body_start(self, st: _Stream, ch: int, size: int) -> None:
@@ -685,6 +709,9 @@ class AmqpDecoder:
             self._finish(st.body_chan, chan, msg, now)
 
     def _finish(self, ch: int, chan: _Chan, msg: _Msg, now: int) -> None:
+        if self.lean:
+            chan.pub = None
+            return
         head = b"".join(msg.head) if msg.head else b""
         a = msg.args
         if msg.kind == "publish":

@@ -37,3 +37,69 @@ class AmqpHandler(Handler):
 
     def flush_c2s(self) -> bytes:
         return self.decoder.flush_client()
+
+
+def _nothing(*_: object) -> None:
+    return None
+
+
+class AmqpCaptureHandler(Handler):
+    """``decode = "capture"``: the event loop only tags publishes (when ``inject``)
+    and ships a copy of both streams; :class:`AmqpRawDecoder` decodes them in the
+    capture process. Live RPC continuation (a reply tagged with its request's
+    trace) needs deliveries decoded in-line, so here replies get their own trace on
+    the wire and the correlator joins them to their request from reply_to and
+    correlation_id."""
+
+    observe = True
+
+    def __init__(self, ctx: ConnContext, body_head: int) -> None:
+        super().__init__(ctx)
+        self.rewrite_c2s = ctx.proxy.inject
+        self.injector = (
+            AmqpDecoder(ctx.conn_id, _nothing, inject=True, emit_fields=_nothing, lean=True,
+                        release=self._release)
+            if ctx.proxy.inject else None
+        )  # fmt: skip
+
+    def _release(self, data: bytes) -> None:  # held bytes let go after a decode failure
+        self.ctx.send_to_server(data)
+        self.ctx.ship(0, data)
+
+    def c2s(self, data: bytes) -> bytes:
+        inj = self.injector
+        if inj is None:
+            self.ctx.ship(0, data)
+            return data
+        out = inj.feed_client(data)
+        if out:
+            self.ctx.ship(0, out, inj.take_injected())
+        return out
+
+    def s2c(self, data: bytes) -> bytes:
+        self.ctx.ship(1, data)
+        return data
+
+    def flush_c2s(self) -> bytes:
+        held = self.injector.flush_client() if self.injector is not None else b""
+        if held:
+            self.ctx.ship(0, held)
+        return held
+
+
+class AmqpRawDecoder:
+    """Capture side of ``decode = "capture"``: the full decoder over shipped copies."""
+
+    def __init__(self, decoder: AmqpDecoder) -> None:
+        self.d = decoder
+
+    def feed(self, direction: int, data: bytes, meta: object) -> None:
+        if direction == 0:
+            if meta:
+                self.d.sniff_injected.update(meta)  # type: ignore[arg-type]
+            self.d.feed_client(data)
+        else:
+            self.d.feed_server(data)
+
+    def closed(self, reason: str) -> None:
+        """Nothing held: the correlator ends in-flight deliveries at the ConnClose."""
