@@ -24,6 +24,7 @@ def test_defaults() -> None:
         "sqlcommenter": False,
         "max_statement_bytes": 65536,
         "tls": None,
+        "decode": "capture",  # generic: where decoding runs (see sniff.decode_host)
     }
 
 
