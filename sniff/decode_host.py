@@ -13,7 +13,8 @@ spent changes (a lower-priority process, never the relay's event loop).
 
 A protocol opts in by providing ``make_decoder(cfg, conn, emit, emit_fields,
 clock)`` in its package, returning an object with ``feed(direction, data,
-meta)`` and ``closed(reason)``. A decoder that raises is dropped with a
+meta)`` and ``closed(reason)`` (and optionally ``tick(now)``, called about once
+a second). A decoder that raises is dropped with a
 ``ProtocolError`` event; a :class:`RawGap` (bytes lost to a full capture queue)
 stops that connection's decoding with a Note.
 """
@@ -100,6 +101,18 @@ class DecoderHost:
                 )
             else:
                 out.append(ev)
+        self._out = []
+        return out
+
+    def tick(self, now: int) -> list[Event]:
+        """Periodic call (about once a second, wall clock): decoders that have a
+        ``tick(now)`` method (e.g. to announce requests still in flight) run it."""
+        out = self._out = []
+        for conn, d in list(self.decoders.items()):
+            tick = getattr(d, "tick", None)
+            if tick is not None:
+                self.now = now
+                self._safe(conn, lambda tick=tick: tick(now))  # type: ignore[misc]
         self._out = []
         return out
 

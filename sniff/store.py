@@ -179,6 +179,9 @@ class Recorder:
 
     def tick(self) -> None:
         """Idle time: re-check upstream listeners, write identity results, advance listeners."""
+        late = self.host.tick(time.time_ns())
+        if late:
+            self.process(late)
         if self.resolver is not None and self._upstreams:
             # often at first (services start after sniff), then every 10 s (workers fork)
             age = time.monotonic() - self._started
