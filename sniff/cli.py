@@ -187,6 +187,39 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from correlate.offline import all_spans
+    from exporters import report
+
+    cfg = _load_config(args)
+    console = Console()
+
+    def build(path: str) -> Any:
+        r = _reader(path)
+        return report.build(
+            all_spans(
+                r,
+                services=cfg.services,
+                options=cfg.correlate,
+                since_ns=_parse_time(args.since),
+                until_ns=_parse_time(args.until),
+            )
+        )
+
+    ops = build(args.capture_file)
+    if args.diff:
+        report.diff(ops, build(args.diff), console)
+    else:
+        report.render(ops, console, min_traces=args.min_traces, top=args.top)
+    if args.json:
+        import orjson
+
+        Path(args.json).write_bytes(orjson.dumps(report.as_dict(ops), option=orjson.OPT_INDENT_2))
+    return 0
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from sniff.store import merge
 
@@ -257,6 +290,19 @@ def build_parser() -> argparse.ArgumentParser:
                 help="write Jaeger query-API JSON for the Jaeger UI",
             )
         c.set_defaults(fn=fn)
+
+    rp = capture_cmd(
+        "report", "per logical operation: each component's statements, requests and messages"
+    )
+    rp.add_argument(
+        "--diff", metavar="CAPTURE_B", help="compare with another capture (another version)"
+    )
+    rp.add_argument("--since", help="ISO time, Unix seconds or -5m")
+    rp.add_argument("--until", help="ISO time, Unix seconds or -5m")
+    rp.add_argument("--min-traces", type=int, default=1, help="hide operations seen fewer times")
+    rp.add_argument("--top", type=int, default=10, help="at most this many operations")
+    rp.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    rp.set_defaults(fn=cmd_report)
 
     m = sub.add_parser("merge", help="merge captures from several sniff processes")
     m.add_argument("inputs", nargs="+", metavar="CAPTURE")

@@ -2,7 +2,7 @@
 
 The services record their own ground truth (which request caused which statement,
 message and HTTP call); every span with a known true parent is scored (see
-tests/system/harness.py). Figures are printed on every run.
+demo/system/harness.py). Figures are printed on every run.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from demo.system.harness import run
 from tests.conftest import require_server
-from tests.system.harness import run
 
 
 @pytest.mark.parametrize(

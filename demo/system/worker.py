@@ -9,7 +9,7 @@ from typing import Any
 
 import pika
 
-from tests.system.common import GroundTruth, db, oslo_open, token
+from demo.system.common import GroundTruth, db, oslo_open, token
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pika
 
-from tests.system.common import GroundTruth, db, oslo_envelope, oslo_open, token
+from demo.system.common import GroundTruth, db, oslo_envelope, oslo_open, token
 
 args: Any = None
 gt: GroundTruth

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from tests.system.common import GroundTruth, db, token
+from demo.system.common import GroundTruth, db, token
 
 args: Any = None
 gt: GroundTruth

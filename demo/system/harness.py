@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
+from demo.system.common import drop_database, setup_database
 from tests.helpers import ROOT, SniffProcess, free_port
-from tests.system.common import drop_database, setup_database
 
 GT_RE = re.compile(r"gt-[0-9a-f]{12}")
 
@@ -107,7 +107,7 @@ class System:
 
     def _spawn(self, module: str, *args: Any) -> None:
         p = subprocess.Popen(
-            [sys.executable, "-m", f"tests.system.{module}", *map(str, args)],
+            [sys.executable, "-m", f"demo.system.{module}", *map(str, args)],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             text=True,
