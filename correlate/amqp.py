@@ -73,6 +73,7 @@ class AmqpSpans:
         # delivery on that channel: (conn, channel) -> span id; (reply_to, corr) -> span id
         self.noack_open: dict[tuple[int, int], str] = {}
         self.noack_reply: dict[tuple[str, str], str] = {}
+        self._base: dict[tuple[int, bool], dict[str, Any]] = {}
 
     # --- dispatch ------------------------------------------------------------------------
 
@@ -95,19 +96,13 @@ class AmqpSpans:
 
     # --- producers -----------------------------------------------------------------------
 
-    def _common(self, info: ConnInfo | None, ev: Any) -> dict[str, Any]:
-        a: dict[str, Any] = {
-            sc.MESSAGING_SYSTEM: "rabbitmq",
-            sc.MESSAGING_DESTINATION_NAME: destination(ev.exchange, ev.routing_key),
-            sc.MESSAGING_RABBITMQ_ROUTING_KEY: ev.routing_key,
-            sc.MESSAGING_BODY_SIZE: ev.body_size,
-            sc.SNIFF_CONN: ev.conn,
-        }
-        props = ev.properties
-        if props.get("message_id"):
-            a[sc.MESSAGING_MESSAGE_ID] = props["message_id"]
-        if props.get("correlation_id"):
-            a[sc.MESSAGING_CONVERSATION_ID] = props["correlation_id"]
+    def _conn_attrs(self, info: ConnInfo | None, conn: int) -> dict[str, Any]:
+        """The connection's attributes, built once per connection (and identity change)."""
+        key = (conn, info is not None and "amqp.client_properties" in info.identity)
+        base = self._base.get(key)
+        if base is not None:
+            return base
+        a: dict[str, Any] = {sc.MESSAGING_SYSTEM: "rabbitmq", sc.SNIFF_CONN: conn}
         if info is not None:
             a[sc.SERVER_ADDRESS] = info.server_addr
             a[sc.SERVER_PORT] = info.server_port
@@ -119,10 +114,26 @@ class AmqpSpans:
             cp = info.identity.get("amqp.client_properties")
             if cp and cp.get("connection_name"):
                 a[sc.MESSAGING_CLIENT_ID] = cp["connection_name"]
-        for k in ("reply_to", "type", "app_id", "content_type"):
-            v = props.get(k)
-            if v:
-                a[f"messaging.rabbitmq.message.{k}"] = v
+        if len(self._base) > 50_000:
+            self._base.clear()
+        self._base[key] = a
+        return a
+
+    def _common(self, info: ConnInfo | None, ev: Any) -> dict[str, Any]:
+        a = self._conn_attrs(info, ev.conn).copy()
+        a[sc.MESSAGING_DESTINATION_NAME] = destination(ev.exchange, ev.routing_key)
+        a[sc.MESSAGING_RABBITMQ_ROUTING_KEY] = ev.routing_key
+        a[sc.MESSAGING_BODY_SIZE] = ev.body_size
+        props = ev.properties
+        if props:
+            if props.get("message_id"):
+                a[sc.MESSAGING_MESSAGE_ID] = props["message_id"]
+            if props.get("correlation_id"):
+                a[sc.MESSAGING_CONVERSATION_ID] = props["correlation_id"]
+            for k in ("reply_to", "type", "app_id", "content_type"):
+                v = props.get(k)
+                if v:
+                    a[f"messaging.rabbitmq.message.{k}"] = v
         return a
 
     def _publish(self, ev: AmqpPublish) -> None:

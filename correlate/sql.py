@@ -35,7 +35,6 @@ the event, from the server's in-transaction status).
 
 from __future__ import annotations
 
-import hashlib
 from typing import TYPE_CHECKING, Any
 
 from correlate import shared_ids
@@ -58,8 +57,9 @@ _TEXT_MAX = 32 * 1024  # db.query.text longer than this is cut (exporters reject
 
 
 def derived_trace_id(span_id: str) -> str:
-    """A stable trace id for a root span that has none on the wire."""
-    return hashlib.blake2b(span_id.encode("ascii", "replace"), digest_size=16).hexdigest()
+    """A stable trace id for a root span that has none on the wire: its span id,
+    widened (unique as the span id is, and the same on every replay of a capture)."""
+    return "5e1ff000" + span_id.rjust(16, "0")[:16] + "00000000"
 
 
 class _Txn:
@@ -77,6 +77,7 @@ class SqlSpans:
         self.e = engine
         # (conn, transaction number) -> the causal group its statements go to
         self.txns: dict[tuple[int, int], _Txn] = {}
+        self._base: dict[tuple[Any, ...], dict[str, Any]] = {}
 
     # --- dispatch ------------------------------------------------------------------------
 
@@ -90,6 +91,22 @@ class SqlSpans:
 
     def _common(self, info: ConnInfo | None, ev: Any) -> dict[str, Any]:
         system = ev.db_system or ("postgresql" if ev.protocol == "postgres" else "mysql")
+        # the connection's attributes, built once per (connection, system, database)
+        key = (ev.conn, system, ev.database, info is not None and bool(info.identity))
+        base = self._base.get(key)
+        if base is None:
+            base = self._base[key] = self._conn_attrs(info, ev, system)
+            if len(self._base) > 50_000:
+                self._base.clear()
+        a = base.copy()
+        if ev.status == "error":
+            code = ev.error_code
+            if code:
+                a[sc.DB_RESPONSE_STATUS_CODE] = str(code)
+            a[sc.ERROR_TYPE] = str(code) if code else "error"
+        return a
+
+    def _conn_attrs(self, info: ConnInfo | None, ev: Any, system: str) -> dict[str, Any]:
         a: dict[str, Any] = {sc.DB_SYSTEM_NAME: system, sc.SNIFF_CONN: ev.conn}
         if ev.database:
             a[sc.DB_NAMESPACE] = ev.database
@@ -104,11 +121,6 @@ class SqlSpans:
             login = info.identity.get("mysql.login") or info.identity.get("postgres.startup")
             if login and login.get("user"):
                 a[sc.SNIFF_DB_USER] = login["user"]
-        if ev.status == "error":
-            code = ev.error_code
-            if code:
-                a[sc.DB_RESPONSE_STATUS_CODE] = str(code)
-            a[sc.ERROR_TYPE] = str(code) if code else "error"
         return a
 
     def _statement(self, ev: SqlStatement) -> None:
