@@ -39,7 +39,7 @@ import threading
 import time
 from collections import deque
 from operator import attrgetter
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 import orjson
 
@@ -73,7 +73,8 @@ class CaptureShipper:
         self.dropped = 0
         self.dropped_raw_bytes = 0
         self.shipped = 0
-        self._q: deque[Event] = deque()
+        # Events, or (kind, field values) tuples from emit_fields/emit_raw
+        self._q: deque[Any] = deque()
         self._stop = threading.Event()
         self._getters: dict[type, Any] = {}
         self.proc = subprocess.Popen(
@@ -83,7 +84,7 @@ class CaptureShipper:
             start_new_session=True,  # a terminal's Ctrl-C reaches sniff run, which then closes the pipe
         )
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self._pipe: BinaryIO = self.proc.stdin
+        self._pipe: IO[bytes] = self.proc.stdin
         self._pipe.write(_frame(b"C", orjson.dumps(settings)))
         self._pipe.flush()
         ready = self.proc.stdout.readline()
@@ -112,7 +113,7 @@ class CaptureShipper:
             self.dropped_raw_bytes += n
             return False
         self.raw_bytes += n
-        self._q.append(("core.raw", (ts, conn, direction, data, meta)))  # type: ignore[arg-type]
+        self._q.append(("core.raw", (ts, conn, direction, data, meta)))
         return True
 
     def emit_fields(self, cls: type[Event], values: tuple[Any, ...]) -> None:
@@ -120,7 +121,7 @@ class CaptureShipper:
         if len(self._q) >= self.max_queue:
             self.dropped += 1
             return
-        self._q.append((cls.kind, values))  # type: ignore[arg-type]
+        self._q.append((cls.kind, values))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -139,8 +140,8 @@ class CaptureShipper:
                 for ev in batch:
                     if ev.__class__ is tuple:  # already (kind, values): emit_fields, emit_raw
                         rows.append(ev)
-                        if ev[0] == "core.raw":  # type: ignore[index]
-                            raw += len(ev[1][3])  # type: ignore[index]
+                        if ev[0] == "core.raw":
+                            raw += len(ev[1][3])
                         continue
                     g = getters.get(ev.__class__)
                     if g is None:
@@ -234,7 +235,9 @@ def main() -> int:
     from sniff.store import Recorder
 
     shared_ids.configure(settings.get("correlate", {}))
-    listeners = []
+    from sniff.store import BatchListener
+
+    listeners: list[BatchListener] = []
     live = None
     if settings.get("otlp"):
         from correlate.engine import Correlator

@@ -323,7 +323,9 @@ class CaptureWriter:
         while q:
             n = min(len(q), MAX_CHUNK)
             batch = [q.popleft() for _ in range(n)]
-            self.raw_bytes -= sum(len(ev.data) for ev in batch if ev.kind == "core.raw")  # type: ignore[attr-defined]
+            self.raw_bytes -= sum(
+                len(getattr(ev, "data", b"")) for ev in batch if ev.kind == "core.raw"
+            )
             self.recorder.process(batch)
 
     def flush(self, timeout: float = 5.0) -> None:

@@ -443,6 +443,7 @@ class AmqpDecoder:
                     raise _ProtoErr("settlement method of the wrong size")
                 (tag,) = _U64.unpack_from(p, pos)
                 bits = p[pos + 8]
+                values: tuple[Any, ...]
                 if idx == BASIC_ACK:
                     values = (now, self.conn, ch, tag, bool(bits & 1), "ack", None)
                 elif idx == BASIC_NACK:
