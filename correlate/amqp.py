@@ -74,20 +74,21 @@ class AmqpSpans:
         self.noack_open: dict[tuple[int, int], str] = {}
         self.noack_reply: dict[tuple[str, str], str] = {}
         self._base: dict[tuple[int, bool], dict[str, Any]] = {}
+        self._dispatch: dict[type, Any] = {
+            AmqpPublish: self._publish,
+            AmqpDeliver: self._incoming,
+            AmqpGetOk: self._incoming,
+            AmqpSettle: self._settle,
+            AmqpConfirm: self._confirm,
+            AmqpReturn: self._returned,
+        }
 
     # --- dispatch ------------------------------------------------------------------------
 
     def feed(self, ev: Event) -> None:
-        if isinstance(ev, AmqpPublish):
-            self._publish(ev)
-        elif isinstance(ev, AmqpDeliver | AmqpGetOk):
-            self._incoming(ev)
-        elif isinstance(ev, AmqpSettle):
-            self._settle(ev)
-        elif isinstance(ev, AmqpConfirm):
-            self._confirm(ev)
-        elif isinstance(ev, AmqpReturn):
-            self._returned(ev)
+        fn = self._dispatch.get(ev.__class__)
+        if fn is not None:
+            fn(ev)
         elif isinstance(ev, AmqpMethod) and ev.method in _CHANNEL_CLOSE:
             code = ev.args.get("reply_code")
             text = ev.args.get("reply_text")

@@ -290,7 +290,9 @@ class Causal:
         c = self._by_comp.get(comp)
         if c is None:
             return set()
-        out = {sid for sid, u in c.open.items() if u.start <= ts}
+        out = {sid for sid, u in c.open.items() if u.start <= ts} if c.open else set()
+        if not c.ended:
+            return out
         for u in reversed(c.ended.values()):
             if u.end is not None and u.end < ts:
                 break
@@ -314,16 +316,20 @@ class Causal:
     def _decide(self, calls: list[Call], group_candidates: set[str] | None = None) -> None:
         first = calls[0]
         comp = self._component_of(first.conn, "client")
-        ids: set[str] = set()
-        for c in calls:
-            ids |= c.ids
+        if len(calls) == 1:  # the common case: one statement, one publish, one request
+            ids: set[str] | frozenset[str] = first.ids
+            own: set[str] | frozenset[str] = frozenset((first.span.span_id,))
+        else:
+            ids = set()
+            for c in calls:
+                ids |= c.ids
+            own = {c.span.span_id for c in calls}
         if group_candidates is not None:
             candidates = set(group_candidates)
         else:
             candidates = self._in_flight(comp, first.ts) if comp is not None else set()
         # a call is never its own cause (an HTTP request a service makes to itself
         # through sniff is both its call and a unit of the same component)
-        own = {c.span.span_id for c in calls}
         candidates -= own
         chosen: str | None = None
         method = "none"
@@ -339,7 +345,7 @@ class Causal:
             if len(matched) > 1:  # several units share the id: those in flight, then weak ids
                 for narrower in (
                     candidates,
-                    self._id_matches(comp, frozenset(ids - strong), first.ts),
+                    self._id_matches(comp, frozenset(set(ids) - strong), first.ts),
                 ):
                     narrowed = matched & narrower
                     if narrowed:

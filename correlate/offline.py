@@ -29,14 +29,20 @@ def iter_spans(
     old = gc.get_threshold()
     gc.set_threshold(200_000, 50, 100)
     try:
-        feed = corr.feed
+        feed = corr._feed  # the per-event entry without the per-call list handling
+        n = 0
         for ev in reader.events():
-            got = feed(ev)
-            if got:
-                pending.extend(got)
-                if len(pending) >= batch:
-                    yield _window(pending, since_ns, until_ns)
-                    pending = []
+            feed(ev)
+            n += 1
+            if n >= 1024:
+                n = 0
+                got = corr._take()
+                if got:
+                    pending.extend(got)
+                    if len(pending) >= batch:
+                        yield _window(pending, since_ns, until_ns)
+                        pending = []
+        pending.extend(corr._take())
         pending.extend(corr.finish())
         if pending:
             yield _window(pending, since_ns, until_ns)
