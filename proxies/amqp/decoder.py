@@ -100,6 +100,7 @@ _SECRET_FIELDS = {
 _IDENTITY_KEYS = ("product", "version", "platform", "connection_name", "information")
 
 PRE_TUNE_FRAME_LIMIT = 1 << 20  # sanity bound for non-body frames before Tune-Ok
+_LEAN_PUBLISH: dict[str, Any] = {"mandatory": False}
 
 
 class _ProtoErr(Exception):
@@ -424,6 +425,16 @@ class AmqpDecoder:
         idx = cls_id << 16 | meth_id
         pos = start + 4
         if st.c2s:
+            if idx == BASIC_PUBLISH and self.lean:
+                # the proxy side only needs to know a publish began (its content header
+                # may get a tag); the capture process decodes its arguments
+                chan = self._chan(ch)
+                if chan.pub is not None:
+                    raise _ProtoErr(
+                        f"Basic.Publish on channel {ch} before the previous content ended"
+                    )
+                chan.pub = _Msg("publish", now, "", "", _LEAN_PUBLISH)
+                return
             if idx == BASIC_PUBLISH:
                 pos += 2  # reserved ticket
                 exchange, pos = _shortstr(p, pos, end)
@@ -594,7 +605,7 @@ class AmqpDecoder:
         msg = (chan.pub if st.c2s else chan.inc) if chan is not None else None
         if msg is None or msg.got_header:
             raise _ProtoErr(f"content header on channel {ch} without a content method")
-        h = parse_content_header(p, start, end)
+        h = parse_content_header(p, start, end, props=not self.lean)
         if h.class_id != 60:
             raise _ProtoErr(f"content header for class {h.class_id}, expected Basic (60)")
         msg.got_header = True

@@ -97,8 +97,11 @@ def _plan(flags: int) -> tuple[tuple[str, str], ...]:
     return plan
 
 
-def parse_content_header(p: bytes, start: int = 0, end: int | None = None) -> ContentHeader:
-    """Parse the payload ``p[start:end]`` of a content-header frame."""
+def parse_content_header(
+    p: bytes, start: int = 0, end: int | None = None, props: bool = True
+) -> ContentHeader:
+    """Parse the payload ``p[start:end]`` of a content-header frame (``props=False``:
+    only locate the properties, e.g. the headers table, without decoding values)."""
     if end is None:
         end = len(p)
     if end - start < 14:
@@ -119,7 +122,8 @@ def parse_content_header(p: bytes, start: int = 0, end: int | None = None) -> Co
         raise HeaderError("reserved property flag bit 1 set")
     h.flags = flags
     h.props_start = pos
-    props = h.props
+    values = h.props
+    want = props
     if not flags & FLAG_HEADERS:
         h.headers_start = -2  # computed below, once content_type/encoding are skipped
     for name, kind in _plan(flags & 0xFFFC):
@@ -130,7 +134,8 @@ def parse_content_header(p: bytes, start: int = 0, end: int | None = None) -> Co
             stop = pos + 1 + n
             if stop > end:
                 raise HeaderError(f"{name} runs past the frame")
-            props[name] = p[pos + 1 : stop].decode("utf-8", "replace")
+            if want:
+                values[name] = p[pos + 1 : stop].decode("utf-8", "replace")
             pos = stop
             continue
         if h.headers_start == -2:
@@ -145,12 +150,14 @@ def parse_content_header(p: bytes, start: int = 0, end: int | None = None) -> Co
         elif kind == "o":
             if pos >= end:
                 raise HeaderError(f"{name} runs past the frame")
-            props[name] = p[pos]
+            if want:
+                values[name] = p[pos]
             pos += 1
         else:  # timestamp
             if pos + 8 > end:
                 raise HeaderError("timestamp runs past the frame")
-            (props[name],) = _U64.unpack_from(p, pos)
+            if want:
+                (values[name],) = _U64.unpack_from(p, pos)
             pos += 8
     if h.headers_start == -2:  # no property after the headers' place
         h.headers_start = h.headers_end = pos
