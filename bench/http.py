@@ -14,13 +14,20 @@ warm-up, in interleaved rounds (median reported):
 - plain-relay: wrk -> sniff's relay with a passthrough handler (no decoding,
   no capture), on uvloop (bench/plain_http_relay.py);
 - sniff: wrk -> ``sniff run`` with an ``http`` proxy: HTTP/1.1 fast path,
-  decoding, traceparent injection and the capture on;
+  traceparent injection and the capture on, with ``decode = "capture"`` (the
+  default: the relay injects and ships copies, the capture process decodes);
+- sniff-inline: the same with ``decode = "inline"`` (decoding on the relay's
+  event loop), for comparison (``--no-inline`` skips it);
 - sniff-mitmproxy: the same with ``engine = "mitmproxy"`` (the HTTP/2 / TLS path,
   here speaking HTTP/1.1), shorter runs.
 
 Prints requests/s, latency p50/p99 and the ratios the issue sets a bar on
 (sniff / nginx-rp >= 0.8), plus sniff / plain relay and sniff / direct, and
-what sniff captured (events written, dropped). Everything shares this
+what each sniff captured: the exchanges recorded against the requests wrk
+completed (warm-ups included), events dropped (capture meta), connections whose
+decoding stopped because the capture queue was full (``capture.gap`` notes),
+and how long the capture process took to finish after the last run (its
+backlog). Everything shares this
 machine's cores with wrk and the upstream: compare ratios from one run, not
 absolute numbers across runs.
 """
@@ -73,6 +80,7 @@ class Proc:
         self.port = port
         self.name = name
         self.out = ""
+        self.stop_s = 0.0
 
     def stop(self) -> None:
         if self.p.poll() is None:
@@ -151,6 +159,7 @@ def wrk(port: int, conns: int, duration: float) -> dict[str, float]:
         check=True,
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    done = re.search(r"(\d+) requests in", out)
     p50 = re.search(r"\s50%\s+(\S+)", out)
     p99 = re.search(r"\s99%\s+(\S+)", out)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -161,7 +170,38 @@ def wrk(port: int, conns: int, duration: float) -> dict[str, float]:
         "p99": _ms(p99.group(1)) if p99 else float("nan"),
         "errors": float(errors.group(1)) if errors else 0.0,
         "socket_errors": 1.0 if sock else 0.0,
+        "requests": float(done.group(1)) if done else 0.0,
     }
+
+
+def completeness(capture: Path, sent: float, stop_s: float) -> str:
+    """Exchanges recorded vs requests wrk completed; drops; connections cut from decoding."""
+    import sqlite3
+
+    db = sqlite3.connect(str(capture))
+    try:
+        rows = db.execute(
+            "SELECT coalesce(sum(json_array_length(data, '$.rows')), 0) FROM events"
+            " WHERE kind = 'http.exchanges'"
+        ).fetchone()[0]
+        single = db.execute("SELECT count(*) FROM events WHERE kind = 'http.exchange'").fetchone()[
+            0
+        ]
+        gaps = db.execute(
+            "SELECT count(*) FROM events WHERE kind = 'core.note'"
+            " AND json_extract(data, '$.code') = 'capture.gap'"
+        ).fetchone()[0]
+        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+    finally:
+        db.close()
+    got = rows + single
+    return (
+        # wrk does not count the requests in flight when a run ends; sniff records them
+        f"exchanges recorded {got:,} for {sent:,.0f} requests wrk completed "
+        f"({got / max(sent, 1):.1%}); "
+        f"dropped events {meta.get('dropped_events', '?')}; connections whose decoding stopped "
+        f"(capture queue full) {gaps}; stop took {stop_s:.1f}s (capture backlog)"
+    )
 
 
 def main() -> int:
@@ -175,6 +215,7 @@ def main() -> int:
     )
     ap.add_argument("--quick", action="store_true", help="3 s runs")
     ap.add_argument("--no-mitmproxy", action="store_true", help="skip the mitmproxy path")
+    ap.add_argument("--no-inline", action="store_true", help='skip decode = "inline"')
     args = ap.parse_args()
     duration = 3.0 if args.quick else args.duration
     if args.quick:
@@ -198,6 +239,11 @@ def main() -> int:
         fast = sniff(tmp, "sniff", up.port)
         procs.append(fast)
         paths["sniff"] = fast.port
+        inline = None
+        if not args.no_inline:
+            inline = sniff(tmp, "sniff-inline", up.port, decode="inline")
+            procs.append(inline)
+            paths["sniff-inline"] = inline.port
         mitm = None
         if not args.no_mitmproxy:
             mitm = sniff(tmp, "sniff-mitm", up.port, engine="mitmproxy")
@@ -212,9 +258,11 @@ def main() -> int:
             flush=True,
         )
         results: dict[tuple[str, int], dict[str, float]] = {}
+        sent: dict[str, float] = dict.fromkeys(paths, 0.0)
         for c in conns:
-            for port in paths.values():
-                wrk(port, c, 1.0)  # warm-up (connections, caches, CPU frequency)
+            for name, port in paths.items():
+                # warm-up (connections, caches, CPU frequency)
+                sent[name] += wrk(port, c, 1.0)["requests"]
             # rounds interleave the paths, so a burst of other load on this shared
             # machine hits them all alike; the median of the rounds is reported
             runs: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
@@ -222,6 +270,7 @@ def main() -> int:
                 for name, port in paths.items():
                     d = duration if name != "sniff-mitmproxy" else min(duration, 5.0)
                     runs[name].append(wrk(port, c, d))
+                    sent[name] += runs[name][-1]["requests"]
             for name in paths:
                 rs = runs[name]
                 med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
@@ -246,6 +295,9 @@ def main() -> int:
                 f"   plain-relay/nginx-rp "
                 f"{results[('plain-relay', c)]['rps'] / results[('nginx-rp', c)]['rps']:.2f}"
             )
+            if ("sniff-inline", c) in results:
+                i = results[("sniff-inline", c)]["rps"]
+                line += f"   inline/nginx-rp {i / results[('nginx-rp', c)]['rps']:.2f}"
             if ("sniff-mitmproxy", c) in results:
                 m = results[("sniff-mitmproxy", c)]["rps"]
                 line += f"   mitmproxy/nginx-rp {m / results[('nginx-rp', c)]['rps']:.3f}"
@@ -253,11 +305,16 @@ def main() -> int:
         bar = min(results[("sniff", c)]["rps"] / results[("nginx-rp", c)]["rps"] for c in conns)
         print(f"\n# bar: sniff >= 0.8x nginx-rp: {'met' if bar >= 0.8 else 'NOT met'} ({bar:.2f})")
         for p in procs:
+            t0 = time.monotonic()
             p.stop()
-        for p in (fast, mitm):
+            if p in (fast, inline, mitm):
+                p.stop_s = time.monotonic() - t0
+        for p in (fast, inline, mitm):
             if p is not None:
                 last = [ln for ln in p.out.splitlines() if "events captured" in ln]
                 print(f"# {p.name}: {last[-1].removeprefix('sniff: ') if last else p.out[-300:]}")
+                path = {"sniff-mitm": "sniff-mitmproxy"}.get(p.name, p.name)
+                print(f"#   {completeness(tmp / f'{p.name}.db', sent[path], p.stop_s)}")
         return 0
     finally:
         for p in procs:  # SIGTERM first: an nginx master must take its workers down

@@ -1,7 +1,10 @@
 """HTTP and HTTPS in front of service endpoints: SERVER spans, traceparent injection.
 
 ``protocol = "http"`` and ``protocol = "https"`` both land here. HTTP/1.x takes
-the fast path (:mod:`proxies.http.decoder` on the relay); HTTP/2, TLS upstreams
+the fast path: with ``decode = "capture"`` (the default) the relay only injects
+(:mod:`proxies.http.injector`) and the capture process decodes copies of the
+bytes (:func:`make_decoder`); with ``decode = "inline"`` the decoder
+(:mod:`proxies.http.decoder`) runs on the relay. HTTP/2, TLS upstreams
 and ``engine = "mitmproxy"`` go through an embedded mitmproxy
 (:mod:`proxies.http.mitm`); :mod:`proxies.http.listener` routes each
 connection. Options are declared here and checked by :func:`validate`.
@@ -132,9 +135,9 @@ def validate(cfg: ProxyConfig, key: str) -> None:
             raise ConfigError(f"{key}.upstream_ca: {o['upstream_ca']!r} is not a readable file")
 
 
-def create_listener(cfg: ProxyConfig, sink: EventSink) -> Listener:
+def _settings(cfg: ProxyConfig) -> dict[str, Any]:
+    """What the HTTP/1 fast path needs of a proxy's options (both decode modes)."""
     from proxies.http import policy
-    from proxies.http.listener import HttpListener
 
     o = cfg.options
     pol = policy.Policy.build(
@@ -147,11 +150,46 @@ def create_listener(cfg: ProxyConfig, sink: EventSink) -> Listener:
         infer_routes=o["infer_routes"],
     )
     policy.register(cfg.name, pol)
-    settings: dict[str, Any] = {
+    return {
         "scheme": "https" if cfg.protocol == "https" else "http",
         "user_agents": dict(o["user_agents"]),
         "max_head": int(o["max_head"]),
         # events carry it: prepare() may run in the capture process (sniff.capture_proc)
         "policy": pol.spec(),
     }
+
+
+def create_listener(cfg: ProxyConfig, sink: EventSink) -> Listener:
+    from proxies.http.listener import HttpListener
+
+    settings = _settings(cfg)
+    # decode = "capture" (the default): the fast path injects and ships copies; the
+    # capture process decodes them (make_decoder). Sinks that cannot ship: inline.
+    settings["capture"] = cfg.options.get("decode", "capture") == "capture" and hasattr(
+        sink, "emit_raw"
+    )
     return HttpListener(cfg, sink, settings)
+
+
+_DECODER_SETTINGS: dict[str, tuple[ProxyConfig, dict[str, Any]]] = {}
+
+
+def make_decoder(cfg: ProxyConfig, conn: int, emit: Any, emit_fields: Any, clock: Any) -> Any:
+    """The capture-process decoder for one fast-path connection (see sniff.decode_host
+    and proxies.http.handler.HttpRawDecoder)."""
+    from proxies.http.decoder import Http1Decoder
+    from proxies.http.handler import HttpRawDecoder
+
+    entry = _DECODER_SETTINGS.get(cfg.name)
+    if entry is None or entry[0] is not cfg:
+        entry = _DECODER_SETTINGS[cfg.name] = (cfg, _settings(cfg))
+    settings = entry[1]
+
+    def make() -> Http1Decoder:
+        return Http1Decoder(
+            conn, emit, proxy=cfg.name, scheme=settings["scheme"], inject=cfg.inject,
+            rewrite=False, user_agents=settings["user_agents"], max_head=settings["max_head"],
+            clock=clock, policy=settings["policy"], told=cfg.inject,
+        )  # fmt: skip
+
+    return HttpRawDecoder(make)

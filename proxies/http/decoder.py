@@ -35,6 +35,15 @@ Finished exchanges are kept per connection and emitted in batches
 the listener's sweep calls :meth:`Http1Decoder.flush_events` twice a second, and
 when the connection ends), so that the capture costs one row per batch.
 
+With ``decode = "capture"`` this decoder runs in the capture process, over
+copies of what the relay forwarded (:mod:`proxies.http.handler`), and is built
+with ``told=True``: the relay (:mod:`proxies.http.injector`, which frames the
+client stream with the same code: :func:`request_framing`, ``_REQ_HEAD``,
+``_Chunked``) has already decided every injection, so the decoder is fed the
+client's own bytes (the relay's lines taken out) and *told* where the relay
+inserted which line; its exchanges carry those ids. It draws no id for an
+injection and never injects where the relay did not.
+
 Anything that does not parse, or framing that two parsers could disagree on (a
 request with both Transfer-Encoding and Content-Length, several different
 Content-Lengths, a Transfer-Encoding whose last coding is not chunked, an
@@ -73,6 +82,8 @@ MAX_CHUNK_LINE = 4096
 MAX_TRAILERS = 64 * 1024
 MAX_UPGRADE_HOLD = 64 * 1024
 BATCH_MAX = 64  # finished exchanges per HttpExchanges event
+# requests in flight for longer are announced (HttpRequest): well inside the correlator's 2 s lag
+ANNOUNCE_AFTER_NS = 1_000_000_000
 MAX_PENDING = 10_000  # pipelined requests awaiting responses, per connection
 
 # connection states (per direction)
@@ -194,6 +205,7 @@ class Http1Decoder:
         new_span_id: Callable[[], str] = ids.new_span_id,
         batch_max: int = BATCH_MAX,
         policy: dict[str, Any] | None = None,
+        told: bool = False,
     ) -> None:
         self.conn = conn_id
         self.emit = emit
@@ -235,6 +247,11 @@ class Http1Decoder:
         self.batch_max = batch_max
         self.policy = policy  # the proxy's Policy.spec(), carried by the events
         self._pos = 0
+        # decode = "capture" (the capture process's side, see proxies.http.handler): the
+        # relay injected, this decoder is *told* where and with which line, as
+        # (stream offset of the insertion point, line), and never draws ids itself
+        self.told: deque[tuple[int, bytes]] | None = deque() if told else None
+        self.told_missed = 0  # lines told that no head here matched (see _told_line)
 
     # --- client -> server ---------------------------------------------------------------
 
@@ -246,8 +263,11 @@ class Http1Decoder:
             # the common case: one whole request head, nothing else, in this chunk
             end = data.find(b"\r\n\r\n")
             if end > 0 and end + 4 == len(data) and data[0] != 13 and end <= self.max_head:
+                ts = self.chold_ts
+                if ts:
+                    self.chold_ts = 0
                 try:
-                    return self._request(data, 0, end, 0)
+                    return self._request(data, 0, end, ts)
                 except _ProtoErr as e:
                     self._fail("c2s", str(e))
                     return data
@@ -341,7 +361,13 @@ class Http1Decoder:
             method, version = self._plain_verdict
             if not ts:
                 ts = self.clock()
-            line = _TP_LINE % (_getrandbits(128) or 1, _getrandbits(64) or 1)
+            if self.told is None:
+                line = _TP_LINE % (_getrandbits(128) or 1, _getrandbits(64) or 1)
+            else:
+                told = self._told_line(buf, hend)
+                if told is None:
+                    return self._untold(buf, pos, end, head, ts, version, method)
+                line = told
             tp = line[13:68].decode("ascii")
             self.pending.append(
                 HttpExchange(
@@ -372,8 +398,6 @@ class Http1Decoder:
         if not ts:
             ts = self.clock()
         method = _METHODS.get(mb) or mb.decode("ascii")
-        chunked = False
-        length = 0
         upgrade = None
         if _INTERESTING.search(lh) is None:  # no framing, upgrade or traceparent header
             if (
@@ -385,7 +409,13 @@ class Http1Decoder:
                 # the common request, inlined: a GET-like head that gets our traceparent
                 self._plain_head = head
                 self._plain_verdict = (method, version)
-                line = _TP_LINE % (_getrandbits(128) or 1, _getrandbits(64) or 1)
+                if self.told is None:
+                    line = _TP_LINE % (_getrandbits(128) or 1, _getrandbits(64) or 1)
+                else:
+                    told = self._told_line(buf, hend)
+                    if told is None:
+                        return self._untold(buf, pos, end, head, ts, version, method)
+                    line = told
                 tp = line[13:68].decode("ascii")
                 self.pending.append(
                     HttpExchange(
@@ -411,26 +441,7 @@ class Http1Decoder:
                 return self._inject(buf, pos, end, head, lh, ts, version, method, upgrade)
             ex = self._propagation(buf, pos, end, head, lh, ts, version, method, upgrade)
             return self._accept(ex, head, lh, ts, buf[pos : end + 4], 0, False)
-        if b"\r\ntransfer-encoding:" in lh:
-            if b"\r\ncontent-length:" in lh:
-                raise _ProtoErr("request has both Transfer-Encoding and Content-Length")
-            codings = b",".join(header_values(lh, b"transfer-encoding")).split(b",")
-            if codings[-1].strip(b" \t") != b"chunked" or version == "1.0":
-                raise _ProtoErr("request Transfer-Encoding does not end in chunked")
-            chunked = True
-        elif (i := lh.find(b"\r\ncontent-length:")) >= 0:
-            j = lh.find(b"\r\n", i + 17)
-            v = lh[i + 17 : j].strip(b" \t")
-            if v.isdigit() and len(v) < 19 and lh.find(b"\r\ncontent-length:", j) < 0:
-                length = int(v)
-            else:
-                length = _content_length(header_values(lh, b"content-length"))
-        if method == "CONNECT":
-            upgrade = "connect"
-        elif b"\r\nupgrade:" in lh and version == "1.1":
-            conn_tokens = b",".join(header_values(lh, b"connection"))
-            if b"upgrade" in conn_tokens:
-                upgrade = b",".join(header_values(lh, b"upgrade")).decode("latin-1")
+        length, chunked, upgrade = request_framing(lh, version == "1.1", method == "CONNECT")
         if TRACEPARENT_KEY not in lh and self.inject:
             return self._inject(
                 buf, pos, end, head, lh, ts, version, method, upgrade, length, chunked
@@ -452,7 +463,17 @@ class Http1Decoder:
         length: int = 0,
         chunked: bool = False,
     ) -> bytes:
-        if self._fast_ids:
+        if self.told is not None:
+            told = self._told_line(buf, end + 2)
+            if told is None:
+                return self._untold(
+                    buf, pos, end, head, ts, version, method, upgrade, length, chunked
+                )
+            line = told
+            tp = line[13:68].decode("ascii")
+            trace_id = tp[3:35]
+            span_id = tp[36:52]
+        elif self._fast_ids:
             line = _TP_LINE % (_getrandbits(128) or 1, _getrandbits(64) or 1)
             tp = line[13:68].decode("ascii")
             trace_id = tp[3:35]
@@ -467,6 +488,44 @@ class Http1Decoder:
             span_id, None, tp, True, upgrade=upgrade, req_head=buf[pos:end],
         )  # fmt: skip
         return self._accept(ex, head, lh, ts, head + line, length, chunked)
+
+    def _told_line(self, buf: bytes, hend: int) -> bytes | None:
+        """Capture side: the line the relay inserted at ``buf[hend]`` (the end of a
+        head's last header line), or None when it inserted none there."""
+        told = self.told
+        assert told is not None
+        at = self.c_total - len(buf) + hend  # buf ends at stream offset c_total
+        while told:
+            off = told[0][0]
+            if off == at:
+                return told.popleft()[1]
+            if off > at:
+                return None
+            # a line at a place where this decoder met no head: the relay and this
+            # decoder framed the client stream differently (never seen; counted)
+            told.popleft()
+            self.told_missed += 1
+        return None
+
+    def _untold(
+        self,
+        buf: bytes,
+        pos: int,
+        end: int,
+        head: bytes,
+        ts: int,
+        version: str,
+        method: str,
+        upgrade: str | None = None,
+        length: int = 0,
+        chunked: bool = False,
+    ) -> bytes:
+        """Capture side: a head the relay forwarded without adding a traceparent,
+        although it has none (the relay had stopped parsing this connection)."""
+        lh = head.lower()
+        ex = self._propagation(buf, pos, end, head, lh, ts, version, method, upgrade)
+        ex.inject_note = "not injected: the relay was no longer parsing this connection"
+        return self._accept(ex, head, lh, ts, buf[pos : end + 4], length, chunked)
 
     def _accept(
         self,
@@ -655,20 +714,7 @@ class Http1Decoder:
                 return
 
     def _response(self, buf: bytes, pos: int, end: int) -> None:
-        code = buf[pos + 9 : pos + 12]
-        if (
-            end - pos >= 12
-            and buf.startswith(b"HTTP/1.", pos)
-            and buf[pos + 8] == 32
-            and code.isdigit()
-            and buf[pos + 12] in b" \r"
-        ):
-            status = int(code)
-        else:
-            m = _STATUS_LINE.match(buf, pos, end + 2)
-            if m is None:
-                raise _ProtoErr("malformed response status line")
-            status = int(m.group(1))
+        status = response_status(buf, pos, end)
         now = self.clock()
         pend = self.pending
         if pend:
@@ -855,7 +901,13 @@ class Http1Decoder:
                 self.conn,
                 "http.passthrough",
                 f"HTTP decoding stopped ({direction}: {reason}); the rest of the connection "
-                "is relayed unchanged without traceparent injection",
+                + (
+                    # decode = "capture": the relay frames requests only, and goes on
+                    "is relayed unchanged except for traceparent injection (the relay "
+                    "does not read responses)"
+                    if direction == "s2c" and self.told is not None
+                    else "is relayed unchanged without traceparent injection"
+                ),
             )
         )
         self._abandon(now, f"decoding stopped: {reason}", "not_decoded")
@@ -866,6 +918,54 @@ class Http1Decoder:
             held, self.chold = self.chold, b""
             if held and self.rewrite and self.release is not None:
                 self.release(held)
+
+
+def request_framing(lh: bytes, v11: bool, connect: bool) -> tuple[int, bool, str | None]:
+    """(Content-Length, chunked, protocol switch asked) of a validated, lowercased
+    request head (``lh``: request line to the last header line's CRLF). Raises
+    ``_ProtoErr`` for framing two parsers could disagree on. Shared by the decoder
+    and the in-line injector (:mod:`proxies.http.injector`), so both frame alike."""
+    length = 0
+    chunked = False
+    upgrade = None
+    if b"\r\ntransfer-encoding:" in lh:
+        if b"\r\ncontent-length:" in lh:
+            raise _ProtoErr("request has both Transfer-Encoding and Content-Length")
+        codings = b",".join(header_values(lh, b"transfer-encoding")).split(b",")
+        if codings[-1].strip(b" \t") != b"chunked" or not v11:
+            raise _ProtoErr("request Transfer-Encoding does not end in chunked")
+        chunked = True
+    elif (i := lh.find(b"\r\ncontent-length:")) >= 0:
+        j = lh.find(b"\r\n", i + 17)
+        v = lh[i + 17 : j].strip(b" \t")
+        if v.isdigit() and len(v) < 19 and lh.find(b"\r\ncontent-length:", j) < 0:
+            length = int(v)
+        else:
+            length = _content_length(header_values(lh, b"content-length"))
+    if connect:
+        upgrade = "connect"
+    elif v11 and b"\r\nupgrade:" in lh:
+        conn_tokens = b",".join(header_values(lh, b"connection"))
+        if b"upgrade" in conn_tokens:
+            upgrade = b",".join(header_values(lh, b"upgrade")).decode("latin-1")
+    return length, chunked, upgrade
+
+
+def response_status(buf: bytes, pos: int, end: int) -> int:
+    """The status code of the response head ``buf[pos:end]`` (``end``: its CRLF CRLF)."""
+    code = buf[pos + 9 : pos + 12]
+    if (
+        end - pos >= 12
+        and buf.startswith(b"HTTP/1.", pos)
+        and buf[pos + 8] == 32
+        and code.isdigit()
+        and buf[pos + 12] in b" \r"
+    ):
+        return int(code)
+    m = _STATUS_LINE.match(buf, pos, end + 2)
+    if m is None:
+        raise _ProtoErr("malformed response status line")
+    return int(m.group(1))
 
 
 def _plain_response(data: bytes, end: int) -> tuple[int, int]:

@@ -5,8 +5,10 @@ waits for the client's first bytes (HTTP clients always speak first), then
 picks a path and steps aside (``transport.set_protocol``):
 
 - **fast path** (the default for HTTP/1.x): a :class:`sniff.relay.RelayConnection`
-  with :class:`~proxies.http.handler.HttpHandler`, which forwards the original
-  bytes, adds only the ``traceparent`` line and decodes a copy. The upstream
+  with :class:`~proxies.http.handler.HttpCaptureHandler` (``decode = "capture"``:
+  adds only the ``traceparent`` line and ships a copy of the bytes to the
+  capture process, which decodes them) or :class:`~proxies.http.handler.HttpHandler`
+  (``decode = "inline"``: decodes a copy on the relay). The upstream
   connection is opened once the first bytes are in (as nginx does), which costs
   one loopback connect on the first request of a connection only;
 - **mitmproxy** (:mod:`proxies.http.mitm`): connections that start with the
@@ -26,11 +28,12 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from proxies.http.decoder import PREFACE
-from proxies.http.handler import HttpHandler
+from proxies.http.decoder import ANNOUNCE_AFTER_NS, PREFACE
+from proxies.http.handler import HttpCaptureHandler, HttpHandler
 from proxies.http.mitm import Handoff, MitmConn, MitmEngine
 from sniff.config import ProxyConfig
 from sniff.events import ConnClose, ConnOpen, Note, ProxyStart, new_conn_id
@@ -48,7 +51,6 @@ from sniff.relay import (
 log = logging.getLogger("sniff.http")
 
 SWEEP_INTERVAL = 0.5
-ANNOUNCE_AFTER_NS = 1_000_000_000  # well inside the correlator's default 2 s lag
 
 
 class _Variant:
@@ -188,7 +190,10 @@ class HttpListener(RelayListener):
     """Accepts clients on ``cfg.listen``; routes each to the fast path, mitmproxy or passthrough."""
 
     def __init__(self, cfg: ProxyConfig, sink: EventSink, settings: dict[str, Any]) -> None:
-        super().__init__(cfg, sink, lambda ctx: HttpHandler(ctx, settings))
+        handler: Callable[[ConnContext, dict[str, Any]], Handler] = (
+            HttpCaptureHandler if settings.get("capture") else HttpHandler
+        )
+        super().__init__(cfg, sink, lambda ctx: handler(ctx, settings))
         self.settings = settings
         self.https = cfg.protocol == "https"
         self.http2: bool = bool(cfg.options["http2"])
@@ -264,7 +269,8 @@ class HttpListener(RelayListener):
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             cutoff = time.time_ns() - ANNOUNCE_AFTER_NS
-            for conn in list(self.conns):
+            # decode = "capture": nothing to do here, the capture process ticks its decoders
+            for conn in [] if self.settings.get("capture") else list(self.conns):
                 h = conn.handler
                 if isinstance(h, HttpHandler):
                     try:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import requests
 
 from proxies.http.events import ROW_FIELDS
@@ -342,12 +343,17 @@ def test_live_otlp_export_carries_server_spans(http: Http) -> None:
     )
 
 
-def test_in_process_capture_applies_the_same_policy(sniff_run: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("decode", ["capture", "inline"])
+def test_in_process_capture_applies_the_same_policy(
+    sniff_run: Any, tmp_path: Path, decode: str
+) -> None:
     """prepare() runs in the capture process by default; with capture_process =
-    false it runs on a thread of sniff: the proxy's policy applies either way."""
+    false it runs on a thread of sniff (and so does the decoding, with decode =
+    "capture"): the proxy's policy applies either way."""
     with AsyncServer(_one_response) as up:
         proc = sniff_run(
             [{"protocol": "http", "upstream": f"127.0.0.1:{up.port}", "http2": False,
+              "decode": decode,
               "state_dir": str(tmp_path / "state"), "redact_headers": ["x-private"],
               "redact_query": ["pin"], "routes": ["/things/{thing}"]}],
             capture_process=False, identify_processes=False,
