@@ -46,6 +46,8 @@ from correlate.model import Link, Span
 from exporters import semconv as sc
 
 DEFAULT_LAG_NS = 2 * 10**9
+# span kinds whose trace id other spans may have inherited from the wire
+_PROPAGATES = frozenset(("PRODUCER", "SERVER"))
 DEFAULT_RECENT_NS = 60 * 10**9
 
 
@@ -161,9 +163,9 @@ class Causal:
         decided: bool = False,
         group: Any = None,
     ) -> None:
-        self._push(
-            ts, _CALL, Call(span, conn, ts, frozenset(ids or ()), decided, group), span.span_id
-        )
+        if ids.__class__ is not frozenset:
+            ids = frozenset(ids or ())
+        self._push(ts, _CALL, Call(span, conn, ts, ids, decided, group), span.span_id)  # type: ignore[arg-type]
 
     def group_end(self, group: Any, ts: int) -> None:
         self._push(ts, _GROUP_END, group, None)
@@ -389,7 +391,10 @@ class Causal:
 
     def _attach(self, span: Span, parent: str, trace: str, method: str) -> None:
         if span.trace_id != trace:
-            self._alias(span.trace_id, trace)
+            if span.kind in _PROPAGATES:
+                # others inherited this span's wire trace (its consumers, its server's
+                # calls): they follow it into the unit's trace
+                self._alias(span.trace_id, trace)
             span.trace_id = trace
         span.parent_id = parent
         span.attrs[sc.SNIFF_CORRELATION_METHOD] = method

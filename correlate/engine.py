@@ -209,14 +209,14 @@ class Correlator:
         if info is None:
             return "unknown", {"service.name": "unknown"}
         c = self.identities.client(info)
-        return c.name, dict(c.resource)
+        return c.name, c.resource  # shared, read-only (and replaced when the span is released)
 
     def server_service(self, info: ConnInfo | None) -> tuple[str, dict[str, Any]]:
         """The server component of a connection (the proxied service): for SERVER spans."""
         if info is None:
             return "unknown", {"service.name": "unknown"}
         c = self.identities.server(info)
-        return c.name, dict(c.resource)
+        return c.name, c.resource
 
     def client_component(self, info: ConnInfo) -> Component:
         return self.identities.client(info)

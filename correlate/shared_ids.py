@@ -157,6 +157,9 @@ def from_body(body: bytes, out: dict[str, str]) -> None:
     from_text(body, out, "body")
 
 
-def values(ids: dict[str, str] | None) -> set[str]:
+_EMPTY: frozenset[str] = frozenset()
+
+
+def values(ids: dict[str, str] | None) -> frozenset[str]:
     """The id values to match on (keys only say where each was found)."""
-    return set(ids.values()) if ids else set()
+    return frozenset(ids.values()) if ids else _EMPTY
