@@ -140,13 +140,18 @@ class Causal:
     # --- notifications (from builders, in any order within the lag) -------------------------
 
     def unit_start(
-        self, conn: int, role: str, span: Span, ts: int, ids: set[str] | None = None
+        self,
+        conn: int,
+        role: str,
+        span: Span,
+        ts: int,
+        ids: set[str] | frozenset[str] | None = None,
     ) -> None:
         self._push(
             ts, _UNIT, (conn, role, span.span_id, span.trace_id, set(ids or ())), span.span_id
         )
 
-    def unit_ids(self, span_id: str, ts: int, ids: set[str]) -> None:
+    def unit_ids(self, span_id: str, ts: int, ids: set[str] | frozenset[str]) -> None:
         """More ids learnt about a unit (e.g. a request id in the response headers)."""
         if ids:
             self._push(ts, _UNIT_IDS, (span_id, set(ids)), None)
@@ -165,7 +170,7 @@ class Causal:
     ) -> None:
         if ids.__class__ is not frozenset:
             ids = frozenset(ids or ())
-        self._push(ts, _CALL, Call(span, conn, ts, ids, decided, group), span.span_id)  # type: ignore[arg-type]
+        self._push(ts, _CALL, Call(span, conn, ts, ids, decided, group), span.span_id)
 
     def group_end(self, group: Any, ts: int) -> None:
         self._push(ts, _GROUP_END, group, None)
