@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/mysql.py [--queries 20000] [--rounds 5] [--latency 4000]
                                     [--mix openstack|point] [--no-haproxy]
+                                    [--decode capture|inline]
 
 Throughput. ``mariadb-slap`` at concurrency 8 runs a fixed number of queries
 against each target, rounds interleaved (direct, plain relay, HAProxy, sniff,
@@ -19,8 +20,10 @@ raw-socket client, so that client overhead is small), 100 at a time per target i
 rotation; median and p99 per target, and what each proxy *adds* to the direct
 median.
 
-sniff runs as ``sniff run`` with a default configuration (decoding, events to
-its capture file, process identification on); the plain relay is
+sniff runs as ``sniff run`` with a default configuration (``decode = "capture"``:
+the proxy relays and ships copies, the capture process decodes them; events to its
+capture file, process identification on; the capture is checked at the end for
+dropped events and connections whose decoding fell behind); the plain relay is
 ``bench/plain_relay.py`` (uvloop, no decoding); HAProxy runs in TCP mode. All
 listen on 127.0.0.1 only. Targets (issue 3): sniff >= 0.95x the plain relay's
 throughput and >= HAProxy's; sniff's added median latency <= 1.25x the plain
@@ -113,12 +116,12 @@ class Target:
         self.lat: list[float] = []
 
 
-def start_sniff(tmp: Path) -> Target:
+def start_sniff(tmp: Path, decode: str = "capture") -> Target:
     port = free_port()
     cfg = tmp / "sniff.toml"
     cfg.write_text(
         f'capture = "{tmp / "capture.db"}"\n\n[[proxy]]\nname = "mariadb"\nprotocol = "mysql"\n'
-        f'listen = "127.0.0.1:{port}"\nupstream = "127.0.0.1:3306"\n'
+        f'listen = "127.0.0.1:{port}"\nupstream = "127.0.0.1:3306"\ndecode = "{decode}"\n'
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "sniff", "run", "-c", str(cfg)],
@@ -266,6 +269,12 @@ def main() -> None:
     ap.add_argument("--latency", type=int, default=4000, help="SELECT 1 round trips per target")
     ap.add_argument("--mix", choices=sorted(MIXES), default="openstack")
     ap.add_argument("--no-haproxy", action="store_true")
+    ap.add_argument(
+        "--decode",
+        choices=("capture", "inline"),
+        default="capture",
+        help="sniff's decode option: in the capture process (default) or on the event loop",
+    )
     args = ap.parse_args()
 
     schema = f"sniff_bench_{uuid.uuid4().hex[:8]}"
@@ -282,12 +291,13 @@ def main() -> None:
             hp = start_haproxy(tmp)
             if hp is not None:
                 targets.append(hp)
-        targets.append(start_sniff(tmp))
+        targets.append(start_sniff(tmp, args.decode))
         started = targets[1:]
         mix = MIXES[args.mix]
         print(
             f"mariadb-slap: {args.queries:,} queries x {args.rounds} rounds, concurrency "
-            f"{args.concurrency}, mix '{args.mix}' ({len(mix)} statements)"
+            f"{args.concurrency}, mix '{args.mix}' ({len(mix)} statements); "
+            f'sniff decode = "{args.decode}"'
         )
         for t in targets:  # warm-up (connections, caches, sniff's analysis cache)
             slap(t.port, schema, 2000, args.concurrency, mix)
@@ -304,6 +314,14 @@ def main() -> None:
             sql(3306, [f"DROP DATABASE IF EXISTS {schema}"])
         except Exception as e:
             print(f"(could not drop {schema}: {e})")
+        try:
+            from bench.capture_check import summary
+
+            # warm-up, rounds, latency warm-up and round trips (slap adds a few of its own)
+            issued = 2000 + args.rounds * args.queries + 200 + args.latency
+            capture_line = summary(str(tmp / "capture.db"), "mysql.query", issued)
+        except Exception as e:
+            capture_line = f"(could not read sniff's capture: {e})"
         shutil.rmtree(tmp, ignore_errors=True)
 
     by = {t.name: t for t in targets}
@@ -347,6 +365,7 @@ def main() -> None:
         f"added median latency sniff / plain relay: {s_add:.1f} us / {p_add:.1f} us = {lr:.2f}  "
         f"(target <= 1.25: {'MET' if lr <= 1.25 else 'NOT MET'})"
     )
+    print(capture_line)
     load = os.getloadavg()
     print(
         f"(machine: {os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f};"

@@ -2,6 +2,7 @@
 HAProxy (TCP mode), in one run.
 
     .venv/bin/python bench/postgres.py [--duration 15] [--rounds 1] [--quick]
+                                       [--decode capture|inline]
 
 Throughput: pgbench (``-c 8 -j 2 -T DURATION -n``) on a scale-1 database it
 initialises in ``sniff_bench`` (created if missing), for select-only (``-S``,
@@ -16,7 +17,9 @@ the plain relay, measured in interleaved blocks once sniff's capture writer has
 drained what the pgbench runs queued.
 
 sniff runs as ``sniff run`` with decoding and capture on (one ``postgres.query``
-event per statement, sqlcommenter off: its default). HAProxy runs with a
+event per statement, sqlcommenter off: its default), ``decode = "capture"`` unless
+``--decode inline``; at the end the capture is checked for dropped events and
+connections whose decoding fell behind (statement events vs statements issued). HAProxy runs with a
 generated config in a temp dir, ``nbthread 1`` (sniff and the plain relay are
 one thread each). Prints tps and the ratios the issue sets bars on: sniff /
 plain relay throughput (bar >= 0.95x), sniff / HAProxy (bar >= 1.0x), and
@@ -58,7 +61,7 @@ SCENARIOS = {
 
 
 class SniffProc:
-    def __init__(self, tmp: str) -> None:
+    def __init__(self, tmp: str, decode: str = "capture") -> None:
         self.port = free_port()
         self.capture = os.path.join(tmp, "bench-postgres.db")
         cfg = os.path.join(tmp, "sniff.toml")
@@ -72,6 +75,7 @@ class SniffProc:
                             "protocol": "postgres",
                             "listen": f"127.0.0.1:{self.port}",
                             "upstream": f"127.0.0.1:{SERVER}",
+                            "decode": decode,
                         }
                     ],
                 }
@@ -134,7 +138,18 @@ def prepare_db(scale: int) -> None:
 _TPS = re.compile(r"tps = ([0-9.]+) \(without initial connection time\)")
 
 
+_TX = re.compile(r"number of transactions actually processed: ([0-9]+)")
+STATEMENTS_PER_TX = {"select-only": 1, "select-only prepared": 1, "tpcb-like": 7}
+
+
 def pgbench(port: int, args: list[str], duration: int, clients: int, threads: int) -> float:
+    return pgbench_tx(port, args, duration, clients, threads)[0]
+
+
+def pgbench_tx(
+    port: int, args: list[str], duration: int, clients: int, threads: int
+) -> tuple[float, int]:
+    """(tps, transactions processed)."""
     out = subprocess.run(
         [PGBENCH, "-n", "-p", str(port), "-c", str(clients), "-j", str(threads),
          "-T", str(duration), *args, DB],
@@ -143,7 +158,8 @@ def pgbench(port: int, args: list[str], duration: int, clients: int, threads: in
     m = _TPS.search(out.stdout)
     if out.returncode != 0 or m is None:
         raise RuntimeError(f"pgbench on port {port} failed:\n{out.stdout}\n{out.stderr}")
-    return float(m.group(1))
+    tx = _TX.search(out.stdout)
+    return float(m.group(1)), int(tx.group(1)) if tx else 0
 
 
 async def _latency(ports: dict[str, int], n: int, blocks: int = 20) -> dict[str, list[float]]:
@@ -211,13 +227,19 @@ def main() -> int:
     ap.add_argument("--latency-n", type=int, default=5000, help="sequential SELECT 1 per path")
     ap.add_argument("--quick", action="store_true", help="5 s runs, select-only only (smoke)")
     ap.add_argument("--scenario", action="append", choices=list(SCENARIOS), help="only these")
+    ap.add_argument(
+        "--decode",
+        choices=("capture", "inline"),
+        default="capture",
+        help="sniff's decode option: in the capture process (default) or on the event loop",
+    )
     args = ap.parse_args()
     duration = 5 if args.quick else args.duration
     scenarios = args.scenario or (["select-only"] if args.quick else list(SCENARIOS))
     print(f"initialising {DB} (pgbench -i -s 1) ...", flush=True)
     prepare_db(1)
     tmp = tempfile.mkdtemp(prefix="sniff-bench-pg-")
-    sniff = SniffProc(tmp)
+    sniff = SniffProc(tmp, args.decode)
     plain_port = free_port()
     plain = start_plain_relay(plain_port, "127.0.0.1", SERVER)
     wait_port(plain_port)
@@ -231,15 +253,19 @@ def main() -> int:
     tps: dict[str, dict[str, float]] = {s: {} for s in scenarios}
     lat: dict[str, tuple[float, float]] = {}
     err = ""
+    issued = 0
     try:
         for rnd in range(args.rounds):
             for sc in scenarios:
                 for name, port in paths.items():
                     print(f"round {rnd + 1}: {sc:<21} {name} ...", flush=True)
-                    t = pgbench(port, SCENARIOS[sc], duration, args.clients, args.threads)
+                    t, tx = pgbench_tx(port, SCENARIOS[sc], duration, args.clients, args.threads)
                     tps[sc][name] = max(tps[sc].get(name, 0.0), t)
+                    if name == "sniff":
+                        issued += tx * STATEMENTS_PER_TX[sc]
             wait_capture_idle(sniff.capture)
             lat_paths = {k: paths[k] for k in ("direct", "plain relay", "sniff")}
+            issued += 300 + max(1, args.latency_n // 20) * 20  # warm-up + round trips
             for name, (med, p99) in latency(lat_paths, args.latency_n).items():
                 if name not in lat or med < lat[name][0]:
                     lat[name] = (med, p99)
@@ -247,14 +273,14 @@ def main() -> int:
         err = sniff.stop()
         plain.stop()
         haproxy.stop()
-    from sniff.store import CaptureReader
+    from bench.capture_check import summary
 
-    cap = CaptureReader(sniff.capture)
-    events, dropped = cap.count(), cap.meta().get("dropped_events", "?")
+    capture_line = summary(sniff.capture, "postgres.query", issued)
     print()
     print(
         f"PostgreSQL benchmark: pgbench -c {args.clients} -j {args.threads} -T {duration}, scale 1, "
-        f"best of {args.rounds}; server 127.0.0.1:{SERVER}; {os.cpu_count()} CPUs (shared, noisy)"
+        f"best of {args.rounds}; server 127.0.0.1:{SERVER}; {os.cpu_count()} CPUs (shared, noisy); "
+        f'sniff decode = "{args.decode}"'
     )
     head = f"{'tps':24}" + "".join(f"{n:>13}" for n in paths)
     print(head + f"{'sniff/plain':>13}{'sniff/haproxy':>15}{'sniff/direct':>14}")
@@ -285,7 +311,9 @@ def main() -> int:
             f"{sc}: sniff/plain relay {r['sniff'] / r['plain relay']:.3f}x (bar >= 0.95x), "
             f"sniff/haproxy {r['sniff'] / r['haproxy']:.3f}x (bar >= 1.0x)"
         )
-    print(f"sniff captured {events:,} events, {dropped} dropped")
+    print(capture_line)
+    load = os.getloadavg()
+    print(f"(load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f})")
     if err.strip():
         print("sniff stderr:", err.strip()[-2000:])
     return 0

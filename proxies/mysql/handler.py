@@ -18,6 +18,16 @@ the decoder sees plaintext. Both directions are rewritten (the relay forwards
 nothing itself; everything goes out through ``send_to_client``/``send_to_server``).
 A TLS failure closes that connection with a ``ProtocolError`` event: after TLS
 has started there is no byte stream that could be passed through instead.
+
+Capture mode (:class:`MysqlCaptureHandler`, ``decode = "capture"``, the default
+without ``tls`` and ``sqlcommenter``). The event loop does only the greeting edit
+(CLIENT_SSL and compression cleared, the same bytes the decoder would make) and
+ships a copy of everything it forwarded to the capture process, where
+:class:`MysqlRawDecoder` runs the same :class:`MysqlDecoder`. The greeting's chunk
+is shipped as forwarded with the chunk as read in ``meta``: the decoder decodes
+the original, so it knows what the server offered (the TLS-stripped note, a
+client that sets CLIENT_COMPRESS anyway) exactly as in-line. After the greeting
+both directions are a relay plus one ``ship`` call per chunk.
 """
 
 from __future__ import annotations
@@ -26,7 +36,9 @@ import contextlib
 import logging
 import ssl
 import time
+from functools import partial
 
+from proxies.mysql import packets as P
 from proxies.mysql.decoder import MysqlDecoder, MysqlShared
 from sniff.events import ProtocolError
 from sniff.relay import ConnContext, Handler
@@ -306,3 +318,84 @@ class MysqlTlsHandler(Handler):
 
     def closed(self, reason: str) -> None:
         self.decoder.closed(reason)
+
+
+# the decoder's own bound on a server packet it reads whole: a larger "greeting" is
+# forwarded unchanged (the decoder reports it)
+_GREETING_MAX = 1 << 20
+
+
+class MysqlCaptureHandler(Handler):
+    """``decode = "capture"``: edit the greeting, relay, ship copies (see the module doc)."""
+
+    observe = True
+    rewrite_s2c = True  # until the greeting has gone by
+
+    def __init__(self, ctx: ConnContext) -> None:
+        super().__init__(ctx)
+        self._held = b""  # a partial greeting, not forwarded yet
+        self.c2s = self._first_c2s  # type: ignore[method-assign]
+
+    def s2c(self, data: bytes) -> bytes:
+        buf = self._held + data if self._held else data
+        n = len(buf)
+        ln = buf[0] | buf[1] << 8 | buf[2] << 16 if n >= 4 else -1
+        if ln < 0 or (4 + ln > n and ln <= _GREETING_MAX):
+            self._held = buf  # the greeting is still incomplete
+            return b""
+        self._held = b""
+        out = buf
+        edited = P.plaintext_greeting(buf[4 : 4 + ln]) if 4 + ln <= n else None
+        ctx = self.ctx
+        if edited is not None:
+            out = buf[:4] + edited + buf[4 + ln :]
+        # from now on the relay forwards first and this only ships
+        self.rewrite_s2c = False
+        self.s2c = partial(ctx.ship, 1)  # type: ignore[method-assign,assignment]
+        ctx.ship(1, out, buf if edited is not None else None)
+        return out
+
+    def _first_c2s(self, data: bytes) -> bytes:
+        ctx = self.ctx
+        ship = self.c2s = partial(ctx.ship, 0)  # type: ignore[method-assign,assignment]
+        ship(data)
+        # An SSLRequest although the greeting offered no TLS: encrypted end to end. The
+        # decoder says so from this packet and decodes nothing after it, so nothing after
+        # it needs shipping: the relay becomes a plain pump (once the greeting is out: a
+        # pump would never release a greeting still held).
+        if _is_ssl_request(data) and not self.rewrite_s2c:
+            self.observe = False
+        return data
+
+    def flush_s2c(self) -> bytes:
+        held, self._held = self._held, b""
+        if held:
+            self.ctx.ship(1, held)
+        return held
+
+
+def _is_ssl_request(data: bytes) -> bool:
+    """``data`` opens with a MySQL SSLRequest (32-byte protocol-4.1 response with CLIENT_SSL)."""
+    if len(data) < 8 or data[0] != 32 or data[1] or data[2]:
+        return False
+    caps = data[4] | data[5] << 8
+    return bool(caps & P.CLIENT_PROTOCOL_41 and caps & P.CLIENT_SSL)
+
+
+class MysqlRawDecoder:
+    """Capture side of ``decode = "capture"``: :class:`MysqlDecoder` over shipped copies.
+    A chunk with ``meta`` is the greeting's: ``meta`` holds it as the server sent it."""
+
+    def __init__(self, decoder: MysqlDecoder) -> None:
+        self.d = decoder
+        self._c = decoder.feed_client
+        self._s = decoder.feed_server
+
+    def feed(self, direction: int, data: bytes, meta: object) -> None:
+        if direction:
+            self._s(meta if isinstance(meta, bytes) else data)
+        else:
+            self._c(data)
+
+    def closed(self, reason: str) -> None:
+        self.d.closed(reason)

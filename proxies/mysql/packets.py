@@ -350,6 +350,23 @@ def edit_greeting_caps(p: bytes, g: Greeting, set_bits: int, clear_bits: int) ->
     return bytes(b)
 
 
+GREETING_CLEARED = CLIENT_SSL | CLIENT_COMPRESS | CLIENT_ZSTD_COMPRESSION_ALGORITHM
+
+
+def plaintext_greeting(p: bytes) -> bytes | None:
+    """The greeting payload with CLIENT_SSL and protocol compression cleared (what sniff
+    offers clients when it does not terminate TLS), the same edit the decoder makes;
+    None when nothing changes or ``p`` is not a v10 greeting (an ERR, garbage: it goes
+    through unchanged and the decoder reports it)."""
+    try:
+        g = parse_greeting(p)
+    except (PacketError, IndexError, struct.error, UnicodeDecodeError, ValueError):
+        return None
+    if not g.capabilities & GREETING_CLEARED:
+        return None
+    return edit_greeting_caps(p, g, 0, GREETING_CLEARED)
+
+
 # --- client handshake response -----------------------------------------------------------
 
 

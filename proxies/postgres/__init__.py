@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import ssl
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sniff.config import ConfigError, Option, ProxyConfig
 from sniff.relay import EventSink, Listener, RelayListener
@@ -118,8 +118,26 @@ def settings(cfg: ProxyConfig) -> PgSettings:
 
 
 def create_listener(cfg: ProxyConfig, sink: EventSink) -> Listener:
-    from proxies.postgres.handler import PostgresHandler, ProxyState
+    from proxies.postgres.handler import PostgresCaptureHandler, PostgresHandler, ProxyState
+    from proxies.sql.capture import capture_mode
 
+    if capture_mode(cfg, sink):
+        return RelayListener(cfg, sink, PostgresCaptureHandler)
     s = settings(cfg)
     state = ProxyState()
     return RelayListener(cfg, sink, lambda ctx: PostgresHandler(ctx, s, state))
+
+
+def make_decoder(cfg: ProxyConfig, conn: int, emit: Any, emit_fields: Any, clock: Any) -> Any:
+    """The capture-process decoder for one connection (see sniff.decode_host): the in-line
+    decoder's options, the proxy's shared state (backend pids for CancelRequest, warn-once
+    flags), the chunk clock."""
+    from proxies.sql.capture import IdleDecoder, capture_mode, per_proxy
+
+    if not capture_mode(cfg):  # tls or sqlcommenter: this proxy decodes in-line
+        return IdleDecoder()
+    from proxies.postgres.handler import ProxyState, raw_decoder
+
+    s = per_proxy(cfg, "postgres.settings", lambda: settings(cfg))
+    state = per_proxy(cfg, "postgres.state", ProxyState)
+    return raw_decoder(conn, emit, s, state, cfg.name, clock)

@@ -318,6 +318,9 @@ class PostgresDecoder:
                 data = self._c_buf + data
                 self._c_buf, self._c_held = b"", False
             return data
+        # whether the caller forwards what this returns, as it stood when the chunk came
+        # (a StartupMessage in this chunk switches it off for the next ones only)
+        rewriting = self.rewriting
         pos = 0
         out_from = 0
         k = self._c_skip
@@ -345,7 +348,7 @@ class PostgresDecoder:
                 if self.tls_request or self.passthrough:
                     end_out = pos if self.tls_request else n
                     self._c_off += pos
-                    return self._out(data, out_from, end_out, parts, last)
+                    return self._out(data, out_from, end_out, parts, last, rewriting)
             while n - pos >= 5 and not self._c_startup:
                 t, ln = _BI.unpack_from(data, pos)
                 end = pos + 1 + ln
@@ -388,10 +391,10 @@ class PostgresDecoder:
                 pos = end
         except (_ProtoErr, IndexError, ValueError, struct.error) as e:
             self._fail(True, data, pos, str(e))
-            return self._out(data, out_from, n, parts, last)
+            return self._out(data, out_from, n, parts, last, rewriting)
         if len(self._pending) > MAX_PENDING:  # checked per chunk: the queue stays bounded
             self._fail(True, data, pos, f"over {MAX_PENDING} client messages await an answer")
-            return self._out(data, out_from, n, parts, last)
+            return self._out(data, out_from, n, parts, last, rewriting)
         if pos < n:
             self._c_buf = data[pos:]
             # hold back only what may still be rewritten: a header or a Query/Parse
@@ -399,12 +402,18 @@ class PostgresDecoder:
                 self._c_startup or n - pos < 5 or data[pos] in (_Q, _P)
             )
         self._c_off += pos
-        return self._out(data, out_from, pos if self._c_held else n, parts, last)
+        return self._out(data, out_from, pos if self._c_held else n, parts, last, rewriting)
 
     def _out(
-        self, data: bytes, out_from: int, end: int, parts: list[bytes] | None, last: int
+        self,
+        data: bytes,
+        out_from: int,
+        end: int,
+        parts: list[bytes] | None,
+        last: int,
+        rewriting: bool,
     ) -> bytes:
-        if not self.rewriting:  # the caller forwarded it already: this is its own chunk
+        if not rewriting:  # the caller forwarded it already: this is its own chunk
             return data[out_from:] if out_from else data
         if parts is None:
             return data[out_from:end] if (out_from or end != len(data)) else data

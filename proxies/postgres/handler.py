@@ -18,6 +18,18 @@ server is queued until that is settled.
 A failing TLS session (bad certificate, handshake error, a server that refuses
 TLS with ``tls.upstream = "require"``) ends the connection with an
 ErrorResponse to the client naming the cause and the option to change.
+
+Capture mode (:class:`PostgresCaptureHandler`, ``decode = "capture"``, the
+default without ``tls`` and ``sqlcommenter``). The event loop answers
+SSLRequest/GSSENCRequest with 'N' itself (they are never forwarded) and ships
+a copy of everything it forwarded to the capture process, where
+:class:`PostgresRawDecoder` runs the same :class:`PostgresDecoder`. An answered
+request is shipped as a marked chunk (``meta = (ANSWERED, client address)``): the
+decoder drops it from the stream as in-line (the server never saw it) but notes
+the refusal, so the events and notes are the same. From the first other packet on
+both directions are a relay plus one ``ship`` call per chunk; a connection whose
+first packet says nothing after it will be decoded (CancelRequest, direct TLS, a
+replication StartupMessage) is shipped up to there and then only relayed.
 """
 
 from __future__ import annotations
@@ -26,11 +38,19 @@ import logging
 import ssl
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
-from proxies.postgres.decoder import SSL_REQUEST, PostgresDecoder, PostgresShared
+from proxies.postgres.decoder import (
+    CANCEL_REQUEST,
+    GSSENC_REQUEST,
+    SSL_REQUEST,
+    PostgresDecoder,
+    PostgresShared,
+)
 from proxies.postgres.tls import TlsEndpoint, TlsError
-from sniff.events import Note
+from sniff.events import Event, Note
 from sniff.relay import ConnContext, Handler
 
 log = logging.getLogger("sniff.postgres")
@@ -63,6 +83,30 @@ class ProxyState(PostgresShared):
         if key not in self.warned:
             self.warned.add(key)
             log.warning(msg, *args)
+
+
+def _warn_ssl_refused(state: ProxyState, proxy_name: str) -> None:
+    state.warn_once(
+        "ssl_refused",
+        "%s: a client asked for TLS (SSLRequest); sniff answered 'N' because this proxy "
+        "has no tls option, so clients that allow plaintext (sslmode=prefer) continue "
+        "unencrypted and clients that require TLS fail. To terminate TLS, set "
+        'tls = { cert = "server.pem", key = "server.key" } on this [[proxy]].',
+        proxy_name,
+    )
+
+
+def _tls_required(state: ProxyState, proxy_name: str, peer: str, ts: int, conn: int) -> Note:
+    """The note (and a log line, once) for a client that left after its SSLRequest was refused."""
+    msg = (
+        f"client {peer} closed the connection after sniff refused its TLS request: "
+        "it requires TLS (sslmode=require or stricter). Set "
+        'tls = { cert = "server.pem", key = "server.key" } on '
+        f"proxy {proxy_name!r} to terminate TLS, or let the client use "
+        "sslmode=prefer."
+    )
+    state.warn_once("tls_required", "%s: %s", proxy_name, msg)
+    return Note(ts, conn, "postgres.tls_required", msg)
 
 
 def error_response(message: str, code: str = "08006", hint: str | None = None) -> bytes:
@@ -134,14 +178,7 @@ class PostgresHandler(Handler):
                 self._tell_client_and_close(*self._deferred)
             return b""
         if dec.ssl_refused:
-            self.state.warn_once(
-                "ssl_refused",
-                "%s: a client asked for TLS (SSLRequest); sniff answered 'N' because this proxy "
-                "has no tls option, so clients that allow plaintext (sslmode=prefer) continue "
-                "unencrypted and clients that require TLS fail. To terminate TLS, set "
-                'tls = { cert = "server.pem", key = "server.key" } on this [[proxy]].',
-                self.ctx.proxy.name,
-            )
+            _warn_ssl_refused(self.state, self.ctx.proxy.name)
         out = self._to_server(fwd)
         self._maybe_fast_path()
         return out
@@ -183,15 +220,9 @@ class PostgresHandler(Handler):
         dec.close(reason)
         if dec.ssl_refused and not dec.startup_done:
             peer = f"{self.ctx.client[0]}:{self.ctx.client[1]}"
-            msg = (
-                f"client {peer} closed the connection after sniff refused its TLS request: "
-                "it requires TLS (sslmode=require or stricter). Set "
-                'tls = { cert = "server.pem", key = "server.key" } on '
-                f"proxy {self.ctx.proxy.name!r} to terminate TLS, or let the client use "
-                "sslmode=prefer."
+            self.ctx.emit(
+                _tls_required(self.state, self.ctx.proxy.name, peer, time.time_ns(), dec.conn)
             )
-            self.state.warn_once("tls_required", "%s: %s", self.ctx.proxy.name, msg)
-            self.ctx.emit(Note(time.time_ns(), self.ctx.conn_id, "postgres.tls_required", msg))
 
     # --- plumbing ------------------------------------------------------------------------
 
@@ -306,3 +337,151 @@ class PostgresHandler(Handler):
         if err:
             self.ctx.send_to_client(err)
         self.ctx.close(message)
+
+
+# ``meta`` of a shipped SSLRequest/GSSENCRequest that sniff answered itself: (ANSWERED, client)
+ANSWERED = "answered"
+_II = struct.Struct(">II")
+_FALSE = ("false", "off", "no", "0")
+
+
+class PostgresCaptureHandler(Handler):
+    """``decode = "capture"``: answer SSL/GSSENC requests, relay, ship (see the module doc)."""
+
+    observe = True
+    rewrite_c2s = True  # until the first packet that is not an SSL/GSSENC request
+
+    def __init__(self, ctx: ConnContext) -> None:
+        super().__init__(ctx)
+        self._held = b""  # the start of a packet that may still be a request
+        self._off = 0  # client bytes consumed (answered requests)
+        self.s2c = partial(ctx.ship, 1)  # type: ignore[method-assign,assignment]
+
+    def c2s(self, data: bytes) -> bytes:
+        buf = self._held + data if self._held else data
+        self._held = b""
+        n = len(buf)
+        pos = 0
+        ctx = self.ctx
+        while True:
+            rem = n - pos
+            if rem == 0:
+                return b""
+            if self._off == 0 and buf[0] == 0x16:
+                break  # TLS from the first byte (sslnegotiation=direct): the decoder notes it
+            if rem < 8:
+                if rem >= 4 and buf[pos : pos + 4] != b"\x00\x00\x00\x08":
+                    break  # not a request
+                self._held = buf[pos:]  # it may still be a request
+                return b""
+            ln, code = _II.unpack_from(buf, pos)
+            if ln != 8 or code not in (SSL_REQUEST, GSSENC_REQUEST):
+                break
+            ctx.send_to_client(b"N")  # plaintext, please: what the in-line decoder answers
+            ctx.ship(0, buf[pos : pos + 8], (ANSWERED, f"{ctx.client[0]}:{ctx.client[1]}"))
+            pos += 8
+            self._off += 8
+        out = buf[pos:] if pos else buf
+        self.rewrite_c2s = False
+        self.c2s = partial(ctx.ship, 0)  # type: ignore[method-assign,assignment]
+        ctx.ship(0, out)
+        if _last_decoded(out, self._off == 0):
+            self.observe = False  # nothing after this is decoded: a plain pump
+        return out
+
+    def flush_c2s(self) -> bytes:
+        held, self._held = self._held, b""
+        if held:
+            self.ctx.ship(0, held)
+        return held
+
+
+def _last_decoded(p: bytes, stream_start: bool) -> bool:
+    """The client's first packet (after any answered requests) is all that will be decoded
+    of this connection: TLS from the first byte, a CancelRequest, a replication startup."""
+    if stream_start and p[:1] == b"\x16":
+        return len(p) >= 4  # the decoder decides once it has 4 bytes
+    if len(p) < 8:
+        return False
+    ln, code = _II.unpack_from(p, 0)
+    if ln > len(p):
+        return False
+    if code == CANCEL_REQUEST:
+        return True
+    if code >> 16 != 3:
+        return False
+    fields = p[8:ln].split(b"\x00")
+    for i in range(0, len(fields) - 1, 2):
+        if fields[i] == b"replication":
+            return fields[i + 1].decode("utf-8", "replace").lower() not in _FALSE
+    return False
+
+
+def _nothing(_: bytes) -> None:
+    return None
+
+
+class PostgresRawDecoder:
+    """Capture side of ``decode = "capture"``: :class:`PostgresDecoder` over shipped copies,
+    with the in-line handler's notes about refused TLS requests."""
+
+    def __init__(
+        self,
+        decoder: PostgresDecoder,
+        state: ProxyState,
+        proxy_name: str,
+        emit: Callable[[Event], None],
+        clock: Callable[[], int],
+    ) -> None:
+        self.d = decoder
+        self.state = state
+        self.proxy_name = proxy_name
+        self._emit = emit
+        self._clock = clock
+        self._peer = "?"
+        self._c = decoder.feed_client
+        self._s = decoder.feed_server
+
+    def feed(self, direction: int, data: bytes, meta: object) -> None:
+        if direction:
+            self._s(data)
+            return
+        self._c(data)
+        if isinstance(meta, tuple) and meta[:1] == (ANSWERED,):
+            # an SSL/GSSENC request the proxy answered 'N' (the server never saw it); the
+            # decoder, refusing as in-line, drops it from the stream and notes it
+            self._peer = str(meta[1])
+            if self.d.ssl_refused:
+                _warn_ssl_refused(self.state, self.proxy_name)
+
+    def closed(self, reason: str) -> None:
+        dec = self.d
+        dec.close(reason)
+        if dec.ssl_refused and not dec.startup_done:
+            now = self._clock()
+            self._emit(_tls_required(self.state, self.proxy_name, self._peer, now, dec.conn))
+
+
+def raw_decoder(
+    conn: int,
+    emit: Callable[[Event], None],
+    settings: PgSettings,
+    state: ProxyState,
+    proxy_name: str,
+    clock: Callable[[], int],
+) -> PostgresRawDecoder:
+    """The capture-side decoder: the in-line decoder's options, refusing TLS requests (the
+    proxy already answered them), the chunk clock."""
+    d = PostgresDecoder(
+        conn,
+        emit,
+        keep_literals=settings.keep_literals,
+        inject=False,
+        max_statement_bytes=settings.max_statement_bytes,
+        ssl_policy="refuse",
+        reply=_nothing,
+        shared=state,
+        proxy_name=proxy_name,
+        clock=clock,
+    )
+    return PostgresRawDecoder(d, state, proxy_name, emit, clock)

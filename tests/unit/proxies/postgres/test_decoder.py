@@ -337,6 +337,18 @@ def test_ssl_request_split_across_chunks() -> None:
     assert r.replies == [b"N"] and r.forwarded() == startup()
 
 
+def test_ssl_request_and_startup_in_one_chunk() -> None:
+    """The StartupMessage switches rewriting off, but only after this chunk: the request in
+    front of it is still dropped (it was forwarded to the server before the fix)."""
+    r = Replay(ssl_policy="refuse")
+    r.feed([(True, SSL_REQUEST + startup() + query("SELECT 1"))])
+    assert r.replies == [b"N"] and r.forwarded() == startup() + query("SELECT 1")
+    r = Replay(ssl_policy="refuse")
+    cancel = struct.pack(">IIII", 16, 80877102, 42, 7)
+    r.feed([(True, GSSENC_REQUEST + cancel)])
+    assert r.replies == [b"N"] and r.forwarded() == cancel
+
+
 def test_ssl_request_accepted_hands_over_leftover() -> None:
     r = Replay(ssl_policy="accept")
     r.feed([(True, SSL_REQUEST + b"\x16\x03\x01")])
