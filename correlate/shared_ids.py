@@ -52,6 +52,8 @@ class Settings:
 
     def __init__(self) -> None:
         self.headers: tuple[str, ...] = DEFAULT_HEADERS
+        # the same names as bytes, to test a raw headers table before decoding it
+        self.headers_b: tuple[bytes, ...] = tuple(h.encode() for h in DEFAULT_HEADERS)
         self.json_keys: tuple[str, ...] = DEFAULT_JSON_KEYS
         self.weak_json_keys: tuple[str, ...] = WEAK_JSON_KEYS
         self.regexes: tuple[re.Pattern[bytes], ...] = ()
@@ -76,6 +78,7 @@ def configure(options: dict[str, Any]) -> None:
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
             raise ValueError(f"correlate.{key}: expected a list of strings, got {v!r}")
     s.headers = DEFAULT_HEADERS + tuple(h.lower() for h in options.get("id_headers", []))
+    s.headers_b = tuple(h.encode() for h in s.headers)
     s.json_keys = DEFAULT_JSON_KEYS + tuple(options.get("id_json_keys", []))
     regexes = []
     for r in options.get("id_regexes", []):
@@ -95,7 +98,7 @@ def configure(options: dict[str, Any]) -> None:
 def from_text(text: bytes | str, out: dict[str, str], prefix: str = "text") -> None:
     data = text.encode("utf-8", "replace") if isinstance(text, str) else text
     s = settings
-    if s.uuids:
+    if s.uuids and b"-" in data:  # every UUID has dashes; most texts have none to scan for
         for i, m in enumerate(UUID_RE.finditer(data)):
             out[f"{prefix}.uuid{i}"] = m.group(0).decode().lower()
     for n, rx in enumerate(s.regexes):

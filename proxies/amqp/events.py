@@ -33,7 +33,7 @@ class _Ids:
         raw = self.headers_raw
         if raw:
             low = raw.lower()
-            if any(h.encode() in low for h in shared_ids.settings.headers):
+            if any(h in low for h in shared_ids.settings.headers_b):
                 shared_ids.from_headers(decode_headers(raw).items(), ids)
         shared_ids.from_body(self.body_head, ids)
         self.body_ids = ids or None
