@@ -31,6 +31,7 @@ import logging
 import os
 import pickle
 import queue
+import select
 import signal
 import struct
 import subprocess
@@ -73,6 +74,7 @@ class CaptureShipper:
         self.dropped = 0
         self.dropped_raw_bytes = 0
         self.shipped = 0
+        self.recorded: int | None = None  # events the capture process wrote (known at close)
         # Events, or (kind, field values) tuples from emit_fields/emit_raw
         self._q: deque[Any] = deque()
         self._stop = threading.Event()
@@ -98,7 +100,9 @@ class CaptureShipper:
 
     @property
     def written(self) -> int:
-        return self.shipped
+        """Events in the capture: what the capture process wrote once it has finished
+        (decoded events from shipped bytes included), else what has been shipped."""
+        return self.shipped if self.recorded is None else self.recorded
 
     def emit(self, ev: Event) -> None:
         if len(self._q) >= self.max_queue:
@@ -175,8 +179,19 @@ class CaptureShipper:
             self._pipe.close()
         except OSError:
             pass
+        deadline = time.monotonic() + timeout
         try:
-            self.proc.wait(timeout)
+            out = self.proc.stdout
+            assert out is not None
+            # it says b"done <events written>" once the capture is closed
+            if select.select([out], [], [], timeout)[0]:
+                done = out.readline().split()
+                if len(done) == 2 and done[0] == b"done":
+                    self.recorded = int(done[1])
+        except (OSError, ValueError):
+            pass
+        try:
+            self.proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             log.error("the capture process did not finish within %ss; stopping it", timeout)
             self.proc.kill()
@@ -293,6 +308,7 @@ def main() -> int:
     rec.close(dropped)
     if live is not None:
         live.close()
+    print(f"done {rec.written}", flush=True)
     return 0
 
 
