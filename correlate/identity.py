@@ -12,6 +12,11 @@ first source that knows, in this order:
 4. reverse DNS of the peer (compose service names);
 5. the peer address.
 
+oslo.messaging names every AMQP connection ``<program>:<pid>:<connection uuid>``:
+that is read as the program ``<program>`` and, without /proc, as the process
+``<pid>`` at the peer's address, so that all the connections of one OpenStack
+process are one component named after the program (not one per connection).
+
 The name prefers what a person configured or the software says of itself:
 config; the proxy a process serves behind (a worker of the service proxied as
 "nova-api" is "nova-api" when it calls the database too); self-description;
@@ -23,6 +28,7 @@ are two components (two pids) with one service name, told apart in Jaeger by
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,15 +103,25 @@ class ServiceMap:
         return found
 
 
-def _self_description(info: ConnInfo) -> str | None:
+# oslo.messaging's connection_name: "%s:%d:%s" % (basename(argv[0]), pid, uuid4)
+_PROGRAM_PID_ID = re.compile(r"([^:\s]+):(\d{1,10}):(\S+)")
+
+
+def _self_description(info: ConnInfo) -> tuple[str | None, int | None]:
+    """What the client says it is, and the pid it gives, if any (oslo.messaging's
+    ``<program>:<pid>:<connection id>`` connection names)."""
     for source, keys in _SELF_KEYS.items():
         attrs = info.identity.get(source)
         if attrs:
             for k in keys:
                 v = attrs.get(k)
                 if v:
-                    return v
-    return None
+                    if k == "connection_name":
+                        m = _PROGRAM_PID_ID.fullmatch(v)
+                        if m:
+                            return m.group(1), int(m.group(2))
+                    return v, None
+    return None, None
 
 
 class Identities:
@@ -141,7 +157,7 @@ class Identities:
         configured = self.services.lookup(info.client_addr)
         pid = int(proc["pid"]) if proc.get("pid") else None
         host = proc.get("host", "")
-        described = _self_description(info)
+        described, described_pid = _self_description(info)
         name = (
             configured
             or (self.serving.get((host, pid)) if pid is not None else None)
@@ -155,6 +171,8 @@ class Identities:
             # the lookup found no process (the connection closed within milliseconds):
             # if the name it gave is borne by exactly one known process, it is that one
             known = self.by_name.get(name) or (self.by_name.get(described) if described else None)
+            if known and described_pid is not None:  # it gave its pid: that process, if known
+                known = {hp for hp in known if hp[1] == described_pid}
             if known and len(known) == 1:
                 host, pid = next(iter(known))
                 inferred = True
@@ -164,6 +182,9 @@ class Identities:
             key = f"pid:{host}:{pid}"
             if not inferred:
                 self.by_name.setdefault(name, set()).add((host, pid))
+        elif described and described_pid is not None:
+            # one process, however many connections it opens: its pid at its address
+            key = f"self:{info.client_addr}:{described}:{described_pid}"
         elif described:
             key = f"self:{described}"
         elif rdns.get("name"):
@@ -179,6 +200,8 @@ class Identities:
                 res["process.command_line"] = proc["cmdline"]
             if host:
                 res["host.name"] = host
+        elif described_pid is not None and not configured:
+            res["process.pid"] = described_pid  # as the client gave it (its own pid namespace)
         comp = Component(key, name, res)
         if ("proc" in info.identity and (proc.get("pid") or configured)) or "rdns" in info.identity:
             info._client = comp  # final once the process lookup has answered (an inference is not)

@@ -158,3 +158,32 @@ def test_reverse_dns_of_a_peer() -> None:
         assert r._reverse_dns("192.0.2.1") is None  # TEST-NET: no PTR record
     finally:
         r.close()
+
+
+def test_oslo_messaging_connection_names_name_the_program_and_key_the_process() -> None:
+    """oslo.messaging names each AMQP connection "<program>:<pid>:<uuid>": every
+    connection of one process must be one component named after the program."""
+    ids = Identities()
+
+    def oslo(conn_uuid: str, pid: int = 4242, **identity: dict[str, str]) -> ConnInfo:
+        cp = {"connection_name": f"nova-conductor:{pid}:{conn_uuid}", "product": "py-amqp"}
+        return _info(**{"amqp.client_properties": cp}, **identity)
+
+    # in a sidecar (no /proc for the peer): keyed by address, program and pid
+    a = ids.client(oslo("0b4cbd8e-6a8f-4a4e-9a43-5b3f0c1d2e3f"))
+    b = ids.client(oslo("6f1d2c3b-1111-4222-8333-944455556666"))
+    assert a.name == b.name == "nova-conductor"
+    assert a.key == b.key == "self:10.0.0.5:nova-conductor:4242"
+    assert a.resource["process.pid"] == 4242
+    other = ids.client(oslo("7a7a7a7a-1111-4222-8333-944455556666", pid=4243))
+    assert other.name == "nova-conductor" and other.key != a.key
+    # with /proc the process found keys it; the name is still the program's
+    c = ids.client(oslo("x", proc={"pid": "77", "name": "python3", "host": "h"}))
+    assert (c.key, c.name) == ("pid:h:77", "nova-conductor")
+    # a connection /proc missed joins the process it names by pid, among several of that name
+    ids.client(oslo("y", pid=78, proc={"pid": "78", "name": "python3", "host": "h"}))
+    d = ids.client(oslo("z", pid=77, proc={}))
+    assert d.key == "pid:h:77"
+    # names without that shape are kept whole
+    plain = ids.client(_info(**{"amqp.client_properties": {"connection_name": "billing:v2"}}))
+    assert (plain.key, plain.name) == ("self:billing:v2", "billing:v2")
