@@ -7,10 +7,14 @@ first source that knows, in this order:
 1. the config's ``[services]`` map (address or CIDR -> name);
 2. the local process behind a loopback peer (pid, resolved through /proc by
    the proxy), so that on one host each process is its own component;
-3. the protocol's self-description: AMQP ``connection_name``/``product``,
-   MySQL ``program_name``, PostgreSQL ``application_name``, HTTP User-Agent;
-4. reverse DNS of the peer (compose service names);
-5. the peer address.
+3. the pid a client gives of itself (oslo.messaging's connection names, the
+   MySQL ``_pid`` connection attribute), with its address;
+4. the name an application gives itself: AMQP ``connection_name``, MySQL
+   ``program_name``, PostgreSQL ``application_name``, HTTP User-Agent;
+5. reverse DNS of the peer (compose service names);
+6. the client library's name (AMQP ``product``, MySQL ``_client_name``), which
+   every user of that library shares;
+7. the peer address.
 
 oslo.messaging names every AMQP connection ``<program>:<pid>:<connection uuid>``:
 that is read as the program ``<program>`` and, without /proc, as the process
@@ -19,10 +23,10 @@ process are one component named after the program (not one per connection).
 
 The name prefers what a person configured or the software says of itself:
 config; the proxy a process serves behind (a worker of the service proxied as
-"nova-api" is "nova-api" when it calls the database too); self-description;
-the process name; reverse DNS; the address. So two workers of one service
-are two components (two pids) with one service name, told apart in Jaeger by
-``process.pid``.
+"nova-api" is "nova-api" when it calls the database too); the application's
+own name; the process name; reverse DNS; the client library; the address. So
+two workers of one service are two components (two pids) with one service
+name, told apart in Jaeger by ``process.pid``.
 """
 
 from __future__ import annotations
@@ -32,12 +36,20 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-# self-description keys, per identity source, best first
+# self-description keys, per identity source, best first: what the application calls
+# itself (a name someone chose for this component)...
 _SELF_KEYS: dict[str, tuple[str, ...]] = {
-    "amqp.client_properties": ("connection_name", "product"),
-    "mysql.connect_attrs": ("program_name", "_client_name"),
+    "amqp.client_properties": ("connection_name",),
+    "mysql.connect_attrs": ("program_name",),
     "postgres.startup": ("application_name",),
-    "http.user_agent": ("product",),
+    "http.user_agent": ("product",),  # keystoneauth puts the service first: "nova-compute ..."
+}
+# ... and what only names its client library ("pymysql", "Pika Python Client Library"):
+# shared by every component that uses the library, so it names one only when neither
+# the process nor reverse DNS can
+_LIBRARY_KEYS: dict[str, tuple[str, ...]] = {
+    "amqp.client_properties": ("product",),
+    "mysql.connect_attrs": ("_client_name",),
 }
 
 
@@ -107,21 +119,33 @@ class ServiceMap:
 _PROGRAM_PID_ID = re.compile(r"([^:\s]+):(\d{1,10}):(\S+)")
 
 
-def _self_description(info: ConnInfo) -> tuple[str | None, int | None]:
-    """What the client says it is, and the pid it gives, if any (oslo.messaging's
-    ``<program>:<pid>:<connection id>`` connection names)."""
+def _self_description(info: ConnInfo) -> tuple[str | None, str | None, int | None]:
+    """What the client calls itself, the client library it names, and the pid it
+    gives, if any (oslo.messaging's ``<program>:<pid>:<connection id>`` connection
+    names; the ``_pid`` connection attribute of MySQL clients)."""
+    own = library = None
+    pid: int | None = None
     for source, keys in _SELF_KEYS.items():
         attrs = info.identity.get(source)
-        if attrs:
+        if attrs and own is None:
             for k in keys:
                 v = attrs.get(k)
                 if v:
-                    if k == "connection_name":
-                        m = _PROGRAM_PID_ID.fullmatch(v)
-                        if m:
-                            return m.group(1), int(m.group(2))
-                    return v, None
-    return None, None
+                    m = _PROGRAM_PID_ID.fullmatch(v) if k == "connection_name" else None
+                    if m:
+                        own, pid = m.group(1), int(m.group(2))
+                    else:
+                        own = v
+                    break
+    for source, keys in _LIBRARY_KEYS.items():
+        attrs = info.identity.get(source)
+        if attrs and library is None:
+            library = next((attrs[k] for k in keys if attrs.get(k)), None)
+    if pid is None:
+        attrs = info.identity.get("mysql.connect_attrs")
+        if attrs and str(attrs.get("_pid", "")).isdigit():
+            pid = int(attrs["_pid"])
+    return own, library, pid
 
 
 class Identities:
@@ -157,13 +181,15 @@ class Identities:
         configured = self.services.lookup(info.client_addr)
         pid = int(proc["pid"]) if proc.get("pid") else None
         host = proc.get("host", "")
-        described, described_pid = _self_description(info)
+        own, library, described_pid = _self_description(info)
+        described = own or library
         name = (
             configured
             or (self.serving.get((host, pid)) if pid is not None else None)
-            or described
+            or own
             or proc.get("name")
             or rdns.get("name")
+            or library
             or f"{info.protocol}-client@{info.client_addr}"
         )
         inferred = False
@@ -184,11 +210,13 @@ class Identities:
                 self.by_name.setdefault(name, set()).add((host, pid))
         elif described and described_pid is not None:
             # one process, however many connections it opens: its pid at its address
-            key = f"self:{info.client_addr}:{described}:{described_pid}"
-        elif described:
-            key = f"self:{described}"
+            key = f"self:{info.client_addr}:{name}:{described_pid}"
+        elif own:
+            key = f"self:{own}"
         elif rdns.get("name"):
             key = f"dns:{rdns['name']}"
+        elif library:
+            key = f"self:{library}"
         else:
             key = f"addr:{info.client_addr}"
         res: dict[str, Any] = {"service.name": name, "sniff.client.address": info.client_addr}

@@ -53,8 +53,10 @@ def test_two_processes_on_one_host_are_two_components(sniff_run: Any, tmp_path: 
     assert {"nova_scheduler", "nova_conductor"} <= names  # the script each interpreter runs
     prods = [s for s in proc.spans() if s.kind == "PRODUCER"]
     assert {s.resource["process.pid"] for s in prods} == {pid_a, pid_b}
-    # pika names itself the same in both processes; the pid keeps them apart
-    assert len({s.service for s in prods}) == 1
+    # pika's product name is the library's, shared by both: each process is named
+    # after the script it runs, and keyed by its pid
+    by_pid = {s.resource["process.pid"]: s.service for s in prods}
+    assert by_pid == {pid_a: "nova_scheduler", pid_b: "nova_conductor"}
     assert all("nova_" in s.resource["process.command_line"] for s in prods)
 
 
@@ -187,3 +189,31 @@ def test_oslo_messaging_connection_names_name_the_program_and_key_the_process() 
     # names without that shape are kept whole
     plain = ids.client(_info(**{"amqp.client_properties": {"connection_name": "billing:v2"}}))
     assert (plain.key, plain.name) == ("self:billing:v2", "billing:v2")
+
+
+def test_a_client_library_name_comes_after_the_process_and_reverse_dns() -> None:
+    """ "pymysql" or "Pika Python Client Library" names a library every component
+    uses: the process or the peer's DNS name says more."""
+    ids = Identities()
+    pymysql = {"_client_name": "pymysql", "_client_version": "1.1.1", "_pid": "3131"}
+    local = ids.client(
+        _info(
+            proc={"pid": "9", "name": "nova-api", "host": "h"}, **{"mysql.connect_attrs": pymysql}
+        )
+    )
+    assert (local.key, local.name) == ("pid:h:9", "nova-api")
+    # a sidecar: no process, but the DNS name, and the pid the client gave, per process
+    side = ids.client(_info(rdns={"name": "nova-api"}, **{"mysql.connect_attrs": pymysql}))
+    assert (side.key, side.name) == ("self:10.0.0.5:nova-api:3131", "nova-api")
+    assert side.resource["process.pid"] == 3131
+    # nothing but the library: it names the component
+    amqp = ids.client(_info(**{"amqp.client_properties": {"product": "py-amqp"}}))
+    assert (amqp.key, amqp.name) == ("self:py-amqp", "py-amqp")
+    # the application's own name still comes before the process's
+    own = ids.client(
+        _info(
+            proc={"pid": "9", "name": "python3", "host": "h"},
+            **{"mysql.connect_attrs": dict(pymysql, program_name="nova-scheduler")},
+        )
+    )
+    assert own.name == "nova-scheduler"
