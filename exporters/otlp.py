@@ -96,6 +96,28 @@ def to_readable(spans: Sequence[Span], resources: _Resources | None = None) -> l
     return out
 
 
+def unreachable(url: str, timeout: float = 3.0) -> str | None:
+    """Why the OTLP receiver at ``url`` cannot be reached (a TCP connect to its
+    host and port), or None when it accepts connections. Checked before an offline
+    export so that a wrong URL fails at once, not after the SDK's retries."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname
+    if not host:
+        return f"{url!r} names no host"
+    try:
+        port = parts.port or {"https": 443, "grpcs": 443, "http": 80}.get(parts.scheme, 4317)
+    except ValueError as e:
+        return str(e)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as e:
+        return f"{host}:{port}: {e.strerror or e}"
+
+
 class OtlpExporter:
     """Sends spans to an OTLP receiver: ``http(s)://host:port`` (``/v1/traces`` is
     appended unless the URL has a path) or ``grpc(s)://host:port``."""

@@ -146,9 +146,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     r = _reader(args.capture_file)
     otlp = None
     if args.otlp:
-        from exporters.otlp import OtlpExporter
+        from exporters.otlp import OtlpExporter, unreachable
 
         url = cfg.export.otlp or args.otlp
+        why = unreachable(url)
+        if why is not None:
+            print(
+                f"sniff export: cannot reach the OTLP receiver at {url} ({why}); nothing sent",
+                file=sys.stderr,
+            )
+            return 1
         otlp = OtlpExporter(url, cfg.export.otlp_headers)
     collected = []
     total = 0
