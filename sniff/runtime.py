@@ -148,6 +148,15 @@ class Runtime:
             print(f"  {p.name:<12} {p.protocol:<8} {p.listen} -> {p.upstream}  ({tag})", file=o)
         if self.cfg.export.otlp:
             print(f"  live OTLP export to {self.cfg.export.otlp}", file=o)
+            from exporters.otlp import unreachable
+
+            why = unreachable(self.cfg.export.otlp, timeout=1.0)
+            if why is not None:
+                print(
+                    f"  warning: the OTLP receiver cannot be reached now ({why}); sniff keeps "
+                    "trying, and the capture keeps every event for `sniff export` later",
+                    file=o,
+                )
         print("ready; Ctrl-C or SIGTERM to stop", file=o, flush=True)
 
 
