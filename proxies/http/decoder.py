@@ -359,34 +359,7 @@ class Http1Decoder:
             # byte for byte the previous request of this connection, which took the
             # inlined path below (keep-alive clients repeat themselves): same verdict
             method, version = self._plain_verdict
-            if not ts:
-                ts = self.clock()
-            if self.told is None:
-                line = _TP_LINE % (_getrandbits(128) or 1, _getrandbits(64) or 1)
-            else:
-                told = self._told_line(buf, hend)
-                if told is None:
-                    return self._untold(buf, pos, end, head, ts, version, method)
-                line = told
-            tp = line[13:68].decode("ascii")
-            self.pending.append(
-                HttpExchange(
-                    ts,
-                    self.conn,
-                    self.proxy,
-                    self.scheme,
-                    version,
-                    method,
-                    0,
-                    tp[3:35],
-                    tp[36:52],
-                    None,
-                    tp,
-                    True,
-                    req_head=buf[pos:end],
-                )
-            )
-            return head + line
+            return self._tag_plain(buf, pos, end, head, ts or self.clock(), version, method)
         m = _REQ_HEAD.fullmatch(buf, pos, hend)
         if m is None:
             raise _ProtoErr("malformed request head")
@@ -409,32 +382,7 @@ class Http1Decoder:
                 # the common request, inlined: a GET-like head that gets our traceparent
                 self._plain_head = head
                 self._plain_verdict = (method, version)
-                if self.told is None:
-                    line = _TP_LINE % (_getrandbits(128) or 1, _getrandbits(64) or 1)
-                else:
-                    told = self._told_line(buf, hend)
-                    if told is None:
-                        return self._untold(buf, pos, end, head, ts, version, method)
-                    line = told
-                tp = line[13:68].decode("ascii")
-                self.pending.append(
-                    HttpExchange(
-                        ts,
-                        self.conn,
-                        self.proxy,
-                        self.scheme,
-                        version,
-                        method,
-                        0,
-                        tp[3:35],
-                        tp[36:52],
-                        None,
-                        tp,
-                        True,
-                        req_head=buf[pos:end],
-                    )
-                )
-                return head + line
+                return self._tag_plain(buf, pos, end, head, ts, version, method)
             if method == "CONNECT":
                 upgrade = "connect"
             if self.inject:
@@ -506,6 +454,39 @@ class Http1Decoder:
             told.popleft()
             self.told_missed += 1
         return None
+
+    def _tag_plain(
+        self, buf: bytes, pos: int, end: int, head: bytes, ts: int, version: str, method: str
+    ) -> bytes:
+        """A plain bodiless head without a traceparent (the common request): queue its
+        exchange and return the head with the traceparent line it gets (ours, or on the
+        capture side the one the relay added)."""
+        if self.told is None:
+            line = _TP_LINE % (_getrandbits(128) or 1, _getrandbits(64) or 1)
+        else:
+            told = self._told_line(buf, end + 2)
+            if told is None:
+                return self._untold(buf, pos, end, head, ts, version, method)
+            line = told
+        tp = line[13:68].decode("ascii")
+        self.pending.append(
+            HttpExchange(
+                ts,
+                self.conn,
+                self.proxy,
+                self.scheme,
+                version,
+                method,
+                0,
+                tp[3:35],
+                tp[36:52],
+                None,
+                tp,
+                True,
+                req_head=buf[pos:end],
+            )
+        )
+        return head + line
 
     def _untold(
         self,
