@@ -18,6 +18,8 @@ from __future__ import annotations
 import ssl
 from typing import Any
 
+from proxies.sql import options as sql_options
+
 ALPN = "postgresql"  # PostgreSQL 17+ requires it for direct TLS
 
 
@@ -113,22 +115,10 @@ def _describe(e: ssl.SSLError) -> str:
 
 def server_context(tls: dict[str, Any]) -> ssl.SSLContext:
     """What sniff presents to clients when it terminates their TLS (the ``tls`` option)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(tls["cert"], tls.get("key") or None)
-    ctx.set_alpn_protocols([ALPN])
-    return ctx
+    return sql_options.server_context(tls, ALPN)
 
 
 def upstream_context(tls: dict[str, Any]) -> ssl.SSLContext:
     """What sniff uses towards the server: encryption only (libpq's sslmode=require), or
     with ``ca`` the server's chain verified (verify-ca; verify-full with ``server_hostname``)."""
-    if tls.get("ca"):
-        ctx = ssl.create_default_context(cafile=tls["ca"])
-        ctx.check_hostname = bool(tls.get("server_hostname"))
-    else:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    ctx.set_alpn_protocols([ALPN])
-    return ctx
+    return sql_options.upstream_context(tls, ALPN)
