@@ -359,43 +359,71 @@ class Http1Decoder:
             # byte for byte the previous request of this connection, which took the
             # inlined path below (keep-alive clients repeat themselves): same verdict
             method, version = self._plain_verdict
-            return self._tag_plain(buf, pos, end, head, ts or self.clock(), version, method)
-        m = _REQ_HEAD.fullmatch(buf, pos, hend)
-        if m is None:
-            raise _ProtoErr("malformed request head")
-        mb, major, minor = m.group(1, 3, 4)
-        if major != b"1" or (minor != b"1" and minor != b"0"):
-            raise _ProtoErr(f"unsupported HTTP version {major!r}.{minor!r}")
-        version = "1.1" if minor == b"1" else "1.0"
-        lh = head.lower()
-        if not ts:
-            ts = self.clock()
-        method = _METHODS.get(mb) or mb.decode("ascii")
-        upgrade = None
-        if _INTERESTING.search(lh) is None:  # no framing, upgrade or traceparent header
-            if (
+            if not ts:
+                ts = self.clock()
+        else:
+            m = _REQ_HEAD.fullmatch(buf, pos, hend)
+            if m is None:
+                raise _ProtoErr("malformed request head")
+            mb, major, minor = m.group(1, 3, 4)
+            if major != b"1" or (minor != b"1" and minor != b"0"):
+                raise _ProtoErr(f"unsupported HTTP version {major!r}.{minor!r}")
+            version = "1.1" if minor == b"1" else "1.0"
+            lh = head.lower()
+            if not ts:
+                ts = self.clock()
+            method = _METHODS.get(mb) or mb.decode("ascii")
+            if _INTERESTING.search(lh) is not None:  # framing, upgrade or traceparent header
+                length, chunked, upgrade = request_framing(
+                    lh, version == "1.1", method == "CONNECT"
+                )
+                if TRACEPARENT_KEY not in lh and self.inject:
+                    return self._inject(
+                        buf, pos, end, head, lh, ts, version, method, upgrade, length, chunked
+                    )
+                ex = self._propagation(buf, pos, end, head, lh, ts, version, method, upgrade)
+                return self._accept(ex, head, lh, ts, buf[pos : end + 4], length, chunked)
+            if not (
                 self._fast_inject
                 and self.identity_sent
                 and method != "CONNECT"
                 and len(self.pending) < MAX_PENDING
             ):
-                # the common request, inlined: a GET-like head that gets our traceparent
-                self._plain_head = head
-                self._plain_verdict = (method, version)
-                return self._tag_plain(buf, pos, end, head, ts, version, method)
-            if method == "CONNECT":
-                upgrade = "connect"
-            if self.inject:
-                return self._inject(buf, pos, end, head, lh, ts, version, method, upgrade)
-            ex = self._propagation(buf, pos, end, head, lh, ts, version, method, upgrade)
-            return self._accept(ex, head, lh, ts, buf[pos : end + 4], 0, False)
-        length, chunked, upgrade = request_framing(lh, version == "1.1", method == "CONNECT")
-        if TRACEPARENT_KEY not in lh and self.inject:
-            return self._inject(
-                buf, pos, end, head, lh, ts, version, method, upgrade, length, chunked
+                upgrade = "connect" if method == "CONNECT" else None
+                if self.inject:
+                    return self._inject(buf, pos, end, head, lh, ts, version, method, upgrade)
+                ex = self._propagation(buf, pos, end, head, lh, ts, version, method, upgrade)
+                return self._accept(ex, head, lh, ts, buf[pos : end + 4], 0, False)
+            self._plain_head = head
+            self._plain_verdict = (method, version)
+        # the common request, inlined: a bodiless head without a traceparent gets ours
+        # (on the capture side, the one the relay added)
+        if self.told is None:
+            line = _TP_LINE % (_getrandbits(128) or 1, _getrandbits(64) or 1)
+        else:
+            told = self._told_line(buf, hend)
+            if told is None:
+                return self._untold(buf, pos, end, head, ts, version, method)
+            line = told
+        tp = line[13:68].decode("ascii")
+        self.pending.append(
+            HttpExchange(
+                ts,
+                self.conn,
+                self.proxy,
+                self.scheme,
+                version,
+                method,
+                0,
+                tp[3:35],
+                tp[36:52],
+                None,
+                tp,
+                True,
+                req_head=buf[pos:end],
             )
-        ex = self._propagation(buf, pos, end, head, lh, ts, version, method, upgrade)
-        return self._accept(ex, head, lh, ts, buf[pos : end + 4], length, chunked)
+        )
+        return head + line
 
     def _inject(
         self,
@@ -454,39 +482,6 @@ class Http1Decoder:
             told.popleft()
             self.told_missed += 1
         return None
-
-    def _tag_plain(
-        self, buf: bytes, pos: int, end: int, head: bytes, ts: int, version: str, method: str
-    ) -> bytes:
-        """A plain bodiless head without a traceparent (the common request): queue its
-        exchange and return the head with the traceparent line it gets (ours, or on the
-        capture side the one the relay added)."""
-        if self.told is None:
-            line = _TP_LINE % (_getrandbits(128) or 1, _getrandbits(64) or 1)
-        else:
-            told = self._told_line(buf, end + 2)
-            if told is None:
-                return self._untold(buf, pos, end, head, ts, version, method)
-            line = told
-        tp = line[13:68].decode("ascii")
-        self.pending.append(
-            HttpExchange(
-                ts,
-                self.conn,
-                self.proxy,
-                self.scheme,
-                version,
-                method,
-                0,
-                tp[3:35],
-                tp[36:52],
-                None,
-                tp,
-                True,
-                req_head=buf[pos:end],
-            )
-        )
-        return head + line
 
     def _untold(
         self,
