@@ -38,6 +38,15 @@ def _rss() -> int:
     return 0
 
 
+def _oslo_body(ids: dict[str, str]) -> bytes:
+    """The head of an oslo.messaging body carrying the request id, as nova sends it:
+    the capture keeps the ids found in it (``prepare()``), not the body."""
+    import json
+
+    inner = {"_context_request_id": ids["json._context_request_id"], "method": "select"}
+    return json.dumps({"oslo.version": "2.0", "oslo.message": json.dumps(inner)}).encode()
+
+
 def generate(path: str, n_events: int, seed: int = 1) -> int:
     from proxies.amqp.events import AmqpConfirm, AmqpDeliver, AmqpPublish, AmqpSettle
     from proxies.sql.events import MysqlQuery
@@ -152,8 +161,8 @@ def generate(path: str, n_events: int, seed: int = 1) -> int:
                 c["seq"],
                 False,
                 None,
-                b"",
-                ids,
+                _oslo_body(ids),
+                None,
             )
         )
         emit(AmqpConfirm(ts + 200_000, c["amqp"], 1, c["seq"], False, True))
@@ -182,8 +191,8 @@ def generate(path: str, n_events: int, seed: int = 1) -> int:
                 format_traceparent(trace, span),
                 trace,
                 new_span_id(),
-                b"",
-                ids,
+                _oslo_body(ids),
+                None,
             )
         )
         return ts + 60_000

@@ -85,6 +85,10 @@ class AmqpSpans:
 
     # --- dispatch ------------------------------------------------------------------------
 
+    def handler_for(self, cls: type) -> Any:
+        """The method for events of ``cls`` (the engine calls it directly)."""
+        return self._dispatch.get(cls) or self.feed
+
     def feed(self, ev: Event) -> None:
         fn = self._dispatch.get(ev.__class__)
         if fn is not None:

@@ -113,6 +113,13 @@ class Causal:
         self.lag_ns = lag_ns
         self.recent_ns = recent_ns
         self.ttl_ns = ttl_ns
+        # Notifications to process, in (ts, seq) order. Builders report nearly all of
+        # them in time order: those go to a FIFO (append and popleft, O(1)); the few
+        # reported late go to a heap. Processing takes whichever head comes first,
+        # which is exactly the order one heap would give (measured: the heap alone
+        # cost ~1 us per notification at capture rates).
+        self._fifo: deque[tuple[int, int, int, Any]] = deque()
+        self._fifo_last = -1  # ts of the FIFO's newest entry
         self._heap: list[tuple[int, int, int, Any]] = []
         self._seq = itertools.count()
         self._pending: dict[str, int] = {}  # span id -> notifications not yet processed
@@ -168,6 +175,11 @@ class Causal:
         decided: bool = False,
         group: Any = None,
     ) -> None:
+        if decided and group is None:
+            # its parent is known (propagated or paired): processing it in time order
+            # would only count it, so count it now and keep it out of the queue
+            self._count_decided(span)
+            return
         if ids.__class__ is not frozenset:
             ids = frozenset(ids or ())
         self._push(ts, _CALL, Call(span, conn, ts, ids, decided, group), span.span_id)
@@ -185,7 +197,24 @@ class Causal:
     def _push(self, ts: int, kind: int, payload: Any, span_id: str | None) -> None:
         if span_id is not None:
             self._pending[span_id] = self._pending.get(span_id, 0) + 1
-        heapq.heappush(self._heap, (ts, next(self._seq), kind, payload))
+        if ts >= self._fifo_last:
+            self._fifo_last = ts
+            self._fifo.append((ts, next(self._seq), kind, payload))
+        else:
+            heapq.heappush(self._heap, (ts, next(self._seq), kind, payload))
+
+    def next_ts(self) -> int | None:
+        """The timestamp of the next notification to process (None: nothing queued)."""
+        fifo, heap = self._fifo, self._heap
+        if fifo:
+            return fifo[0][0] if not heap or fifo[0] <= heap[0] else heap[0][0]
+        return heap[0][0] if heap else None
+
+    def _pop(self) -> tuple[int, int, int, Any]:
+        fifo, heap = self._fifo, self._heap
+        if fifo and (not heap or fifo[0] <= heap[0]):
+            return fifo.popleft()
+        return heapq.heappop(heap)
 
     # --- processing --------------------------------------------------------------------------
 
@@ -193,18 +222,30 @@ class Causal:
         if now > self.now:
             self.now = now
         limit = now - self.lag_ns
-        heap = self._heap
-        while heap and heap[0][0] <= limit:
-            ts, _, kind, payload = heapq.heappop(heap)
-            self._process(ts, kind, payload)
+        fifo, heap, process = self._fifo, self._heap, self._process
+        while True:
+            if fifo:
+                if heap and heap[0] < fifo[0]:
+                    if heap[0][0] > limit:
+                        break
+                    ts, _, kind, payload = heapq.heappop(heap)
+                else:
+                    if fifo[0][0] > limit:
+                        break
+                    ts, _, kind, payload = fifo.popleft()
+            elif heap and heap[0][0] <= limit:
+                ts, _, kind, payload = heapq.heappop(heap)
+            else:
+                break
+            process(ts, kind, payload)
         ready = self._ready
         while ready and ready[0][0] <= limit:
             self._release(ready.popleft()[1])
         self._forget(limit)
 
     def drain(self) -> None:
-        while self._heap:
-            ts, _, kind, payload = heapq.heappop(self._heap)
+        while self._fifo or self._heap:
+            ts, _, kind, payload = self._pop()
             self._process(ts, kind, payload)
         for group in list(self._groups):
             self._decide_group(group)
@@ -227,7 +268,23 @@ class Causal:
             self._release(span)
 
     def _process(self, ts: int, kind: int, payload: Any) -> None:
-        if kind == _UNIT:
+        if kind == _CALL:  # the most frequent notification first
+            call: Call = payload
+            if call.decided:
+                self._count_decided(call.span)
+                self._done(call.span.span_id)
+            elif call.group is not None:
+                g = self._groups.setdefault(call.group, _Group())
+                g.calls.append(call)
+                # what was in flight when this statement ran (notifications come in time order)
+                comp = self._component_of(call.conn, "client")
+                g.comp = comp
+                flight = self._in_flight(comp, call.ts) if comp is not None else set()
+                g.candidates = flight if g.candidates is None else g.candidates & flight
+            else:
+                self._decide([call])
+                self._done(call.span.span_id)
+        elif kind == _UNIT:
             conn, role, span_id, trace_id, ids = payload
             comp = self._component_of(conn, role)
             if comp is not None:
@@ -257,22 +314,6 @@ class Causal:
                 index = self._by_comp[known.comp].ids
                 for i in payload[1]:
                     index.setdefault(i, set()).add(known.span_id)
-        elif kind == _CALL:
-            call: Call = payload
-            if call.decided:
-                self._count_decided(call.span)
-                self._done(call.span.span_id)
-            elif call.group is not None:
-                g = self._groups.setdefault(call.group, _Group())
-                g.calls.append(call)
-                # what was in flight when this statement ran (notifications come in time order)
-                comp = self._component_of(call.conn, "client")
-                g.comp = comp
-                flight = self._in_flight(comp, call.ts) if comp is not None else set()
-                g.candidates = flight if g.candidates is None else g.candidates & flight
-            else:
-                self._decide([call])
-                self._done(call.span.span_id)
         elif kind == _GROUP_END:
             self._decide_group(payload)
 
@@ -323,9 +364,10 @@ class Causal:
     def _decide(self, calls: list[Call], group_candidates: set[str] | None = None) -> None:
         first = calls[0]
         comp = self._component_of(first.conn, "client")
+        own: set[str] | None
         if len(calls) == 1:  # the common case: one statement, one publish, one request
             ids: set[str] | frozenset[str] = first.ids
-            own: set[str] | frozenset[str] = frozenset((first.span.span_id,))
+            own = None
         else:
             ids = set()
             for c in calls:
@@ -337,12 +379,19 @@ class Causal:
             candidates = self._in_flight(comp, first.ts) if comp is not None else set()
         # a call is never its own cause (an HTTP request a service makes to itself
         # through sniff is both its call and a unit of the same component)
-        candidates -= own
+        if own is None:
+            candidates.discard(first.span.span_id)
+        else:
+            candidates -= own
         chosen: str | None = None
         method = "none"
         if comp is not None and ids:
             strong = frozenset(i for i in ids if not i.startswith("~"))
-            matched = self._id_matches(comp, strong, first.ts) - own
+            matched = self._id_matches(comp, strong, first.ts)
+            if own is None:
+                matched.discard(first.span.span_id)
+            else:
+                matched -= own
             if len(matched) > 1:
                 # an id the unit itself carried (its request, its message) is direct
                 # evidence; one it learnt from an earlier call (a shared image uuid) is not
@@ -369,7 +418,7 @@ class Causal:
             self.stats[method] += len(calls)
             # what a unit's calls carried is now known to belong to it: an instance
             # uuid first seen in a request's INSERT ties its later UPDATE to it too
-            learnt = {i for i in ids if not i.startswith("~")} - unit.ids
+            learnt = {i for i in ids if not i.startswith("~")} - unit.ids if ids else None
             if learnt:
                 unit.ids |= learnt
                 index = self._by_comp[unit.comp].ids

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from correlate.causal import DEFAULT_LAG_NS, DEFAULT_RECENT_NS, Causal
@@ -32,6 +32,7 @@ log = logging.getLogger("sniff.correlate")
 
 DEFAULT_TTL_NS = 10 * 60 * 10**9
 _EXPIRE_EVERY_NS = 1 * 10**9
+_ADVANCE_NS = 5 * 10**6
 
 # protocol prefix of an event kind -> "module:Class" of its span builder
 BUILDERS = {
@@ -40,6 +41,10 @@ BUILDERS = {
     "postgres": "correlate.sql:SqlSpans",
     "http": "correlate.http:HttpSpans",
 }
+
+
+def _ignore(ev: Event) -> None:
+    return None
 
 
 class SpanBuilder(Protocol):
@@ -75,11 +80,13 @@ class Correlator:
         self.conns: dict[int, ConnInfo] = {}
         self._closed: dict[int, int] = {}  # conn -> close ts, for delayed eviction
         self._builders: dict[str, SpanBuilder | None] = {}
+        self._by_class: dict[type, Callable[[Event], None]] = {}  # event class -> handler
         self._out: list[Span] = []
         self._aliases: dict[str, str] = {}
         self._alias_ts: dict[str, int] = {}  # insertion (event-time) order, for trimming
         self.now = 0
         self._next_expire = 0
+        self._advance_at = 0
         self.stats: dict[str, int] = {"events": 0, "spans": 0, "expired": 0, "unknown_conn": 0}
 
     # --- inputs --------------------------------------------------------------------------
@@ -117,22 +124,42 @@ class Correlator:
             self.now = ts
         if ts >= self._next_expire:
             self._expire()
+        fn = self._by_class.get(ev.__class__)
+        if fn is None:
+            fn = self._handler_for(ev)
+        fn(ev)
+        causal = self.causal
+        causal.now = self.now
+        if ts >= self._advance_at:
+            # the causal stage runs lag_ns behind; stepping it once per _ADVANCE_NS of
+            # event time instead of after every event does the same work in batches
+            self._advance_at = ts + _ADVANCE_NS
+            limit = ts - causal.lag_ns
+            if (
+                (causal._fifo and causal._fifo[0][0] <= limit)
+                or (causal._heap and causal._heap[0][0] <= limit)
+                or (causal._ready and causal._ready[0][0] <= limit)
+            ):
+                causal.advance(ts)
+
+    def _handler_for(self, ev: Event) -> Callable[[Event], None]:
+        """The function that takes events of ``ev``'s class: the core table, or the
+        protocol builder's own handler for that class (one dict lookup per event)."""
         proto = ev.protocol
+        fn: Callable[[Event], None]
         if proto == "core":
-            self._core(ev)
+            fn = self._core
         else:
             b = self._builders.get(proto, False)
             if b is False:
                 b = self._load_builder(proto)
-            if b is not None:
-                b.feed(ev)  # type: ignore[union-attr]
-        causal = self.causal
-        causal.now = self.now
-        limit = ts - causal.lag_ns
-        if (causal._heap and causal._heap[0][0] <= limit) or (
-            causal._ready and causal._ready[0][0] <= limit
-        ):
-            causal.advance(ts)
+            if b is None:
+                fn = _ignore
+            else:
+                pick = getattr(b, "handler_for", None)
+                fn = (pick(ev.__class__) if pick is not None else None) or b.feed  # type: ignore[union-attr]
+        self._by_class[ev.__class__] = fn
+        return fn
 
     def _load_builder(self, proto: str) -> SpanBuilder | None:
         spec = BUILDERS.get(proto)
@@ -277,10 +304,13 @@ class Correlator:
             )
             span.service = comp.name
             span.resource = comp.resource  # shared by the component's spans; never mutated
-        if self._aliases:
-            span.trace_id = self.trace(span.trace_id)
+        aliases = self._aliases
+        if aliases:
+            if span.trace_id in aliases:
+                span.trace_id = self.trace(span.trace_id)
             for link in span.links:
-                link.trace_id = self.trace(link.trace_id)
+                if link.trace_id in aliases:
+                    link.trace_id = self.trace(link.trace_id)
         self._out.append(span)
 
     def expired(self, n: int = 1) -> None:

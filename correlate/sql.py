@@ -40,6 +40,26 @@ from typing import TYPE_CHECKING, Any
 from correlate import shared_ids
 from correlate.model import Span
 from exporters import semconv as sc
+from exporters.semconv import (
+    DB_COLLECTION_NAME,
+    DB_OPERATION_BATCH_SIZE,
+    DB_OPERATION_NAME,
+    DB_QUERY_PARAMETER_PREFIX,
+    DB_QUERY_SUMMARY,
+    DB_QUERY_TEXT,
+    DB_RESPONSE_RETURNED_ROWS,
+    SNIFF_CORRELATION_CONFIDENCE,
+    SNIFF_CORRELATION_METHOD,
+    SNIFF_DB_BATCH_INDEX,
+    SNIFF_DB_COMMAND,
+    SNIFF_DB_INFILE_BYTES,
+    SNIFF_DB_QUERY_TRUNCATED,
+    SNIFF_DB_ROWS_AFFECTED,
+    SNIFF_DB_STATEMENT_ID,
+    SNIFF_DB_TABLES,
+    SNIFF_DB_WARNINGS,
+    SNIFF_INJECTED,
+)
 from proxies.sql.events import SqlStatement
 from sniff.events import Event
 from sniff.ids import parse_traceparent
@@ -80,6 +100,12 @@ class SqlSpans:
         self._base: dict[tuple[Any, ...], dict[str, Any]] = {}
 
     # --- dispatch ------------------------------------------------------------------------
+
+    def handler_for(self, cls: type) -> Any:
+        """The method for events of ``cls`` (the engine calls it directly)."""
+        if issubclass(cls, SqlStatement):
+            return self._statement
+        return self.feed
 
     def feed(self, ev: Event) -> None:
         if isinstance(ev, SqlStatement):
@@ -124,55 +150,65 @@ class SqlSpans:
         return a
 
     def _statement(self, ev: SqlStatement) -> None:
+        # The hottest function of offline correlation (one call per statement): names
+        # are module constants (no attribute lookups), the rare fields are tested once.
         if not ev.operation:  # not prepared (a hand-built event): analyse now
             ev.prepare()
-        info = self.e.conn(ev.conn)
-        service, resource = self.e.service(info)
+        e = self.e
+        info = e.conn(ev.conn)
+        service, resource = e.service(info)
         a = self._common(info, ev)
         op = ev.operation or ev.command
-        a[sc.DB_OPERATION_NAME] = op
-        if ev.tables:
-            if len(ev.tables) == 1:
-                a[sc.DB_COLLECTION_NAME] = ev.tables[0]
-            a[sc.SNIFF_DB_TABLES] = list(ev.tables)
-        text = ev.text if len(ev.text) <= _TEXT_MAX else ev.text[:_TEXT_MAX] + "..."
-        a[sc.DB_QUERY_TEXT] = text
+        a[DB_OPERATION_NAME] = op
+        tables = ev.tables
+        if tables:
+            if len(tables) == 1:
+                a[DB_COLLECTION_NAME] = tables[0]
+            a[SNIFF_DB_TABLES] = list(tables)
+        text = ev.text
+        a[DB_QUERY_TEXT] = text if len(text) <= _TEXT_MAX else text[:_TEXT_MAX] + "..."
         summary = ev.summary or op
-        a[sc.DB_QUERY_SUMMARY] = summary
+        a[DB_QUERY_SUMMARY] = summary
         if ev.rows_returned is not None:
-            a[sc.DB_RESPONSE_RETURNED_ROWS] = ev.rows_returned
+            a[DB_RESPONSE_RETURNED_ROWS] = ev.rows_returned
         if ev.rows_affected is not None:
-            a[sc.SNIFF_DB_ROWS_AFFECTED] = ev.rows_affected
+            a[SNIFF_DB_ROWS_AFFECTED] = ev.rows_affected
         if ev.batch_size and ev.batch_size > 1:
-            a[sc.DB_OPERATION_BATCH_SIZE] = ev.batch_size
-            a[sc.SNIFF_DB_BATCH_INDEX] = ev.batch
+            a[DB_OPERATION_BATCH_SIZE] = ev.batch_size
+            a[SNIFF_DB_BATCH_INDEX] = ev.batch
         if ev.statement_id is not None:
-            a[sc.SNIFF_DB_STATEMENT_ID] = ev.statement_id
+            a[SNIFF_DB_STATEMENT_ID] = ev.statement_id
         if ev.warnings:
-            a[sc.SNIFF_DB_WARNINGS] = ev.warnings
+            a[SNIFF_DB_WARNINGS] = ev.warnings
         if ev.truncated:
-            a[sc.SNIFF_DB_QUERY_TRUNCATED] = True
+            a[SNIFF_DB_QUERY_TRUNCATED] = True
         if ev.params:
             for i, v in enumerate(ev.params):
-                a[f"{sc.DB_QUERY_PARAMETER_PREFIX}{i}"] = "NULL" if v is None else v
-        a[sc.SNIFF_DB_COMMAND] = ev.command
+                a[f"{DB_QUERY_PARAMETER_PREFIX}{i}"] = "NULL" if v is None else v
+        a[SNIFF_DB_COMMAND] = ev.command
         extra = getattr(ev, "infile_bytes", None)
         if extra is not None:
-            a[sc.SNIFF_DB_INFILE_BYTES] = extra
-        trace_id, parent = self._trace(ev)
-        if parent is not None:
-            a[sc.SNIFF_CORRELATION_METHOD] = "propagated"
-            a[sc.SNIFF_CORRELATION_CONFIDENCE] = 1.0
-        if ev.traceparent and (ev.injected or parent is None):
-            a[sc.SNIFF_INJECTED] = bool(ev.injected) or _is_own(ev)
+            a[SNIFF_DB_INFILE_BYTES] = extra
+        if ev.traceparent is None:
+            trace_id = ev.trace_id or derived_trace_id(ev.span_id)
+            parent = None
+        else:
+            trace_id, parent = self._trace(ev)
+            if parent is not None:
+                a[SNIFF_CORRELATION_METHOD] = "propagated"
+                a[SNIFF_CORRELATION_CONFIDENCE] = 1.0
+            if ev.injected or parent is None:
+                a[SNIFF_INJECTED] = bool(ev.injected) or _is_own(ev)
+        ts = ev.ts
+        end = ev.ts_end
         span = Span(
             trace_id,
             ev.span_id,
             parent,
             summary,
             "CLIENT",
-            ev.ts,
-            max(ev.ts, ev.ts_end),
+            ts,
+            end if end > ts else ts,
             service,
             a,
             resource,
@@ -181,14 +217,20 @@ class SqlSpans:
         if ev.status == "error":
             span.status = "ERROR"
             span.status_message = ev.error_message or f"error {ev.error_code}"
-        group = self._group(ev) if parent is None else None
-        self.e.causal.call(
-            span, ev.conn, ev.ts, shared_ids.values(ev.ids), decided=parent is not None, group=group
+        group = self._group(ev) if parent is None and ev.transaction is not None else None
+        causal = e.causal
+        causal.call(
+            span,
+            ev.conn,
+            ts,
+            shared_ids.values(ev.ids) if ev.ids else None,
+            decided=parent is not None,
+            group=group,
         )
         if group is not None and ev.transaction_end:
             self.txns.pop((ev.conn, ev.transaction or 0), None)
-            self.e.causal.group_end(group, max(ev.ts, ev.ts_end))
-        self.e.emit(span)
+            causal.group_end(group, end if end > ts else ts)
+        causal.finished(span)
 
     def _trace(self, ev: SqlStatement) -> tuple[str, str | None]:
         """(trace id, parent span id) from the statement's own wire context."""

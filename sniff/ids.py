@@ -45,6 +45,23 @@ def parse_traceparent(value: str | bytes | None) -> tuple[str, str, int] | None:
     """
     if value is None:
         return None
+    if value.__class__ is not str:
+        return _parse(value)
+    hit = _parsed.get(value)
+    if hit is not None:  # the same header is read at publish and at every delivery
+        return hit
+    found = _parse(value)
+    if found is not None:
+        if len(_parsed) >= 8192:
+            _parsed.clear()
+        _parsed[value] = found
+    return found
+
+
+_parsed: dict[str, tuple[str, str, int]] = {}
+
+
+def _parse(value: str | bytes | bytearray) -> tuple[str, str, int] | None:
     if isinstance(value, bytes | bytearray):
         try:
             value = value.decode("ascii")
