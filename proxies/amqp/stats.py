@@ -2,7 +2,7 @@
 
 Who published to which destination and who consumed from which queue, with
 message counts and body sizes, plus settlement outcomes; aggregated in SQLite
-(json_extract) so it stays fast on large captures.
+(:meth:`CaptureReader.select_events`) so it stays fast on large captures.
 """
 
 from __future__ import annotations
@@ -23,19 +23,19 @@ def _dest(exchange: str | None, rk: str | None) -> str:
 
 def section(reader: CaptureReader, services: dict[int, str]) -> RenderableType | None:
     db = reader.db
+    fields = ("exchange", "routing_key", "body_size", "injected", "queue", "op")
     pubs = db.execute(
-        "SELECT conn, json_extract(data,'$.exchange'), json_extract(data,'$.routing_key'), count(*),"
-        " sum(json_extract(data,'$.body_size')), min(json_extract(data,'$.body_size')),"
-        " max(json_extract(data,'$.body_size')), sum(json_extract(data,'$.injected'))"
-        " FROM events WHERE kind='amqp.publish' GROUP BY 1,2,3"
+        "SELECT conn, exchange, routing_key, count(*), sum(body_size), min(body_size),"
+        f" max(body_size), sum(injected) FROM {reader.select_events(('amqp.publish',), fields)}"
+        " GROUP BY 1,2,3"
     ).fetchall()
     ins = db.execute(
-        "SELECT conn, kind, coalesce(json_extract(data,'$.queue'), ''), json_extract(data,'$.exchange'),"
-        " json_extract(data,'$.routing_key'), count(*), sum(json_extract(data,'$.body_size'))"
-        " FROM events WHERE kind IN ('amqp.deliver','amqp.get') GROUP BY 1,2,3,4,5"
+        "SELECT conn, kind, coalesce(queue, ''), exchange, routing_key, count(*), sum(body_size)"
+        f" FROM {reader.select_events(('amqp.deliver', 'amqp.get'), fields)} GROUP BY 1,2,3,4,5"
     ).fetchall()
     settles = db.execute(
-        "SELECT conn, json_extract(data,'$.op'), count(*) FROM events WHERE kind='amqp.settle' GROUP BY 1,2"
+        f"SELECT conn, op, count(*) FROM {reader.select_events(('amqp.settle',), fields)}"
+        " GROUP BY 1,2"
     ).fetchall()
     if not pubs and not ins:
         return None

@@ -3,7 +3,7 @@
 Answers "how many requests did each component receive, from whom, for what":
 one row per (proxied service, calling component, method, route) with counts,
 4xx/5xx/cut-short counts, latency and body bytes, aggregated in SQLite
-(json_extract) so it stays fast on large captures.
+(:meth:`CaptureReader.select_events`) so it stays fast on large captures.
 """
 
 from __future__ import annotations
@@ -22,29 +22,42 @@ def _col(name: str) -> str:
     return f"json_extract(j.value,'$[{ROW_FIELDS.index(name)}]')"
 
 
-# single exchanges (mitmproxy path) and batches (fast path: rows of ROW_FIELDS
-# columns; captures written with another column order are skipped here, the
-# correlator still reads them), as one row set
-_QUERY = (
-    "WITH x(conn, ts, proxy, method, route, status, error, ts_end, rq, rs) AS ("
-    " SELECT conn, ts, json_extract(data,'$.proxy'), json_extract(data,'$.method'),"
-    " coalesce(json_extract(data,'$.route'), json_extract(data,'$.path'), ''),"
-    " json_extract(data,'$.status'), json_extract(data,'$.error'),"
-    " json_extract(data,'$.ts_end'), json_extract(data,'$.req_body_size'),"
-    " json_extract(data,'$.resp_body_size') FROM events WHERE kind='http.exchange'"
-    f" UNION ALL SELECT e.conn, {_col('ts')}, {_col('proxy')}, {_col('method')},"
-    f" coalesce({_col('route')}, {_col('path')}, ''), {_col('status')}, {_col('error')},"
-    f" {_col('ts_end')}, {_col('req_body_size')}, {_col('resp_body_size')}"
-    " FROM events e, json_each(e.data, '$.rows') j WHERE e.kind='http.exchanges'"
-    f" AND json_extract(e.data, '$.fields') = '{json.dumps(list(ROW_FIELDS), separators=(',', ':'))}')"
-    " SELECT conn, proxy, method, route, count(*), sum(status BETWEEN 400 AND 499),"
-    " sum(status >= 500), sum(error IS NOT NULL), sum(ts_end - ts), max(ts_end - ts),"
-    " sum(rq), sum(rs) FROM x GROUP BY 1,2,3,4"
+_ONE = (
+    "proxy",
+    "method",
+    "route",
+    "path",
+    "status",
+    "error",
+    "ts_end",
+    "req_body_size",
+    "resp_body_size",
 )
 
 
+def _query(reader: CaptureReader) -> str:
+    """Single exchanges (mitmproxy path) and batches (fast path: rows of ROW_FIELDS
+    columns; captures written with another column order are skipped here, the
+    correlator still reads them), as one row set."""
+    one = reader.select_events(("http.exchange",), _ONE)
+    many = reader.select_events(("http.exchanges",), ("rows", "fields"), json=("rows",))
+    return (
+        "WITH x(conn, ts, proxy, method, route, status, error, ts_end, rq, rs) AS ("
+        " SELECT conn, ts, proxy, method, coalesce(route, path, ''), status, error, ts_end,"
+        f" req_body_size, resp_body_size FROM {one}"
+        f" UNION ALL SELECT e.conn, {_col('ts')}, {_col('proxy')}, {_col('method')},"
+        f" coalesce({_col('route')}, {_col('path')}, ''), {_col('status')}, {_col('error')},"
+        f" {_col('ts_end')}, {_col('req_body_size')}, {_col('resp_body_size')}"
+        f" FROM {many} e, json_each(e.rows) j"
+        f" WHERE e.fields = '{json.dumps(list(ROW_FIELDS), separators=(',', ':'))}')"
+        " SELECT conn, proxy, method, route, count(*), sum(status BETWEEN 400 AND 499),"
+        " sum(status >= 500), sum(error IS NOT NULL), sum(ts_end - ts), max(ts_end - ts),"
+        " sum(rq), sum(rs) FROM x GROUP BY 1,2,3,4"
+    )
+
+
 def section(reader: CaptureReader, services: dict[int, str]) -> RenderableType | None:
-    rows = reader.db.execute(_QUERY).fetchall()
+    rows = reader.db.execute(_query(reader)).fetchall()
     if not rows:
         return None
     agg: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0, 0, 0, 0])

@@ -2,9 +2,9 @@
 
 Answers "how many SELECT/INSERT/UPDATE/DELETE did each component issue, on which
 tables, and which failed" for MySQL/MariaDB (``mysql.query``) and PostgreSQL
-(``postgres.query``) alike. Everything is aggregated in SQLite (``json_extract``,
-``json_each`` over the statement's ``tables``) so it stays fast on large
-captures; Python only maps connections to services and lays out the tables.
+(``postgres.query``) alike. Everything is aggregated in SQLite (the fields of
+:meth:`CaptureReader.select_events`, ``json_each`` over the statement's ``tables``)
+so it stays fast on large captures; Python only maps connections to services and lays out the tables.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from rich.table import Table
 
 from sniff.store import CaptureReader
 
-_KINDS = "('mysql.query','postgres.query')"
+_KINDS = ("mysql.query", "postgres.query")
 _MAIN_OPS = ("SELECT", "INSERT", "UPDATE", "DELETE")
 
 
@@ -28,33 +28,33 @@ def _system(kind: str, db_system: str | None) -> str:
 def collect(reader: CaptureReader, services: dict[int, str]) -> dict[str, Any] | None:
     """The section's numbers as plain data (also what the tables show)."""
     db = reader.db
+    queries = reader.select_events(
+        _KINDS,
+        ("db_system", "operation", "status", "rows_returned", "rows_affected", "ts_end", "tables"),
+        json=("tables",),
+    )
     ops = db.execute(
-        "SELECT conn, kind, json_extract(data,'$.db_system'), json_extract(data,'$.operation'),"
-        " count(*), sum(json_extract(data,'$.status') = 'error'),"
-        " sum(coalesce(json_extract(data,'$.rows_returned'), 0)),"
-        " sum(coalesce(json_extract(data,'$.rows_affected'), 0)),"
-        " sum(json_extract(data,'$.ts_end') - ts)"
-        f" FROM events WHERE kind IN {_KINDS} GROUP BY 1, 2, 3, 4"
+        "SELECT conn, kind, db_system, operation, count(*), sum(status = 'error'),"
+        " sum(coalesce(rows_returned, 0)), sum(coalesce(rows_affected, 0)), sum(ts_end - ts)"
+        f" FROM {queries} GROUP BY 1, 2, 3, 4"
     ).fetchall()
     if not ops:
         return None
     tables = db.execute(
-        "SELECT e.conn, json_extract(e.data,'$.operation'), t.value, count(*),"
-        " sum(json_extract(e.data,'$.status') = 'error')"
-        f" FROM events e, json_each(e.data, '$.tables') t WHERE e.kind IN {_KINDS}"
-        " GROUP BY 1, 2, 3"
+        "SELECT e.conn, e.operation, t.value, count(*), sum(e.status = 'error')"
+        f" FROM {queries} e, json_each(e.tables) t GROUP BY 1, 2, 3"
     ).fetchall()
+    failed = reader.select_events(
+        (*_KINDS, "mysql.command", "mysql.connect"),
+        ("error_code", "operation", "command", "error_message", "status"),
+    )
     errors = db.execute(
-        "SELECT conn, kind, coalesce(json_extract(data,'$.error_code'), ''),"
-        " coalesce(json_extract(data,'$.operation'), json_extract(data,'$.command'), 'LOGIN'),"
-        " max(json_extract(data,'$.error_message')), count(*)"
-        " FROM events WHERE kind IN ('mysql.query','postgres.query','mysql.command','mysql.connect')"
-        " AND json_extract(data,'$.status') = 'error' GROUP BY 1, 2, 3, 4"
+        "SELECT conn, kind, coalesce(error_code, ''), coalesce(operation, command, 'LOGIN'),"
+        f" max(error_message), count(*) FROM {failed} WHERE status = 'error' GROUP BY 1, 2, 3, 4"
     ).fetchall()
+    mysql_cmds = reader.select_events(("mysql.command",), ("command", "status"))
     commands = db.execute(
-        "SELECT conn, json_extract(data,'$.command'), count(*),"
-        " sum(json_extract(data,'$.status') = 'error')"
-        " FROM events WHERE kind = 'mysql.command' GROUP BY 1, 2"
+        f"SELECT conn, command, count(*), sum(status = 'error') FROM {mysql_cmds} GROUP BY 1, 2"
     ).fetchall()
 
     by_op: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
