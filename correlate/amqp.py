@@ -47,6 +47,9 @@ if TYPE_CHECKING:
 
 MANDATORY_GRACE_NS = 2 * 10**9  # how long an unconfirmed mandatory publish waits for a Return
 _CHANNEL_CLOSE = ("Channel.Close", "Channel.CloseOk")
+_PROP_ATTRS = tuple(
+    (k, f"messaging.rabbitmq.message.{k}") for k in ("reply_to", "type", "app_id", "content_type")
+)
 
 
 def destination(exchange: str, routing_key: str) -> str:
@@ -135,10 +138,10 @@ class AmqpSpans:
                 a[sc.MESSAGING_MESSAGE_ID] = props["message_id"]
             if props.get("correlation_id"):
                 a[sc.MESSAGING_CONVERSATION_ID] = props["correlation_id"]
-            for k in ("reply_to", "type", "app_id", "content_type"):
+            for k, name in _PROP_ATTRS:
                 v = props.get(k)
                 if v:
-                    a[f"messaging.rabbitmq.message.{k}"] = v
+                    a[name] = v
         return a
 
     def _publish(self, ev: AmqpPublish) -> None:
@@ -197,7 +200,11 @@ class AmqpSpans:
         wire = parse_traceparent(ev.traceparent)
         wire_span = wire[1] if wire else ev.span_id
         if ev.confirm_seq is not None:
-            self.unconfirmed.setdefault((ev.conn, ev.channel), OrderedDict())[ev.confirm_seq] = span
+            key = (ev.conn, ev.channel)
+            pending = self.unconfirmed.get(key)
+            if pending is None:
+                pending = self.unconfirmed[key] = OrderedDict()
+            pending[ev.confirm_seq] = span
             if ev.mandatory:
                 self.returnable[wire_span] = span
         elif ev.mandatory:
@@ -303,7 +310,11 @@ class AmqpSpans:
         if ev.no_ack:
             self.e.emit(span)
         else:
-            self.unsettled.setdefault((ev.conn, ev.channel), OrderedDict())[ev.delivery_tag] = span
+            key = (ev.conn, ev.channel)
+            unsettled = self.unsettled.get(key)
+            if unsettled is None:
+                unsettled = self.unsettled[key] = OrderedDict()
+            unsettled[ev.delivery_tag] = span
 
     def _is_response(self, routing_key: str, corr: str) -> bool:
         if self.awaiting.pop((routing_key, corr), None) is not None:
