@@ -185,8 +185,15 @@ class AmqpSpans:
             resource,
             conn=ev.conn,
         )
+        # without confirms or mandatory routing nothing more will happen to the span
+        final = ev.confirm_seq is None and not ev.mandatory
         self.e.causal.call(
-            span, ev.conn, ev.ts, shared_ids.values(ev.body_ids), decided=parent is not None
+            span,
+            ev.conn,
+            ev.ts,
+            shared_ids.values(ev.body_ids),
+            decided=parent is not None,
+            finished=final,
         )
         props = ev.properties
         corr = props.get("correlation_id")
@@ -210,8 +217,6 @@ class AmqpSpans:
         elif ev.mandatory:
             self.returnable[wire_span] = span
             self.mandatory_wait[wire_span] = ev.ts_end + MANDATORY_GRACE_NS
-        else:
-            self.e.emit(span)
 
     def _confirm(self, ev: AmqpConfirm) -> None:
         pending = self.unconfirmed.get((ev.conn, ev.channel))

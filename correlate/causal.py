@@ -70,6 +70,7 @@ class Call:
     ids: frozenset[str]
     decided: bool  # parent already known (propagated or paired): only register nothing
     group: Any = None
+    finished: bool = False  # the builder is done with the span: release it once decided
 
 
 class _Comp:
@@ -174,15 +175,25 @@ class Causal:
         ids: set[str] | frozenset[str] | None = None,
         decided: bool = False,
         group: Any = None,
+        finished: bool = False,
     ) -> None:
+        """An outbound call of ``conn``'s client. ``finished``: the builder will not
+        touch the span again and the call is its only notification (a SQL statement,
+        a publish without confirms), so it is released as soon as it is decided
+        instead of going through :meth:`finished`."""
         if decided and group is None:
             # its parent is known (propagated or paired): processing it in time order
             # would only count it, so count it now and keep it out of the queue
             self._count_decided(span)
+            if finished:
+                self.finished(span)
             return
         if ids.__class__ is not frozenset:
             ids = frozenset(ids or ())
-        self._push(ts, _CALL, Call(span, conn, ts, ids, decided, group), span.span_id)
+        if finished:
+            self._push(ts, _CALL, Call(span, conn, ts, ids, decided, group, True), None)
+        else:
+            self._push(ts, _CALL, Call(span, conn, ts, ids, decided, group), span.span_id)
 
     def group_end(self, group: Any, ts: int) -> None:
         self._push(ts, _GROUP_END, group, None)
@@ -272,7 +283,10 @@ class Causal:
             call: Call = payload
             if call.decided:
                 self._count_decided(call.span)
-                self._done(call.span.span_id)
+                if call.finished:
+                    self._release(call.span)
+                else:
+                    self._done(call.span.span_id)
             elif call.group is not None:
                 g = self._groups.setdefault(call.group, _Group())
                 g.calls.append(call)
@@ -283,7 +297,10 @@ class Causal:
                 g.candidates = flight if g.candidates is None else g.candidates & flight
             else:
                 self._decide([call])
-                self._done(call.span.span_id)
+                if call.finished:
+                    self._release(call.span)
+                else:
+                    self._done(call.span.span_id)
         elif kind == _UNIT:
             conn, role, span_id, trace_id, ids = payload
             comp = self._component_of(conn, role)
@@ -323,7 +340,10 @@ class Causal:
             return
         self._decide(g.calls, g.candidates)
         for c in g.calls:
-            self._done(c.span.span_id)
+            if c.finished:
+                self._release(c.span)
+            else:
+                self._done(c.span.span_id)
 
     def _count_decided(self, span: Span) -> None:
         method = span.attrs.get(sc.SNIFF_CORRELATION_METHOD, "propagated")

@@ -226,11 +226,11 @@ class SqlSpans:
             shared_ids.values(ev.ids) if ev.ids else None,
             decided=parent is not None,
             group=group,
+            finished=True,
         )
         if group is not None and ev.transaction_end:
             self.txns.pop((ev.conn, ev.transaction or 0), None)
             causal.group_end(group, end if end > ts else ts)
-        causal.finished(span)
 
     def _trace(self, ev: SqlStatement) -> tuple[str, str | None]:
         """(trace id, parent span id) from the statement's own wire context."""
