@@ -1,8 +1,10 @@
 """The AMQP section of ``sniff stats``: message flow with sizes.
 
 Who published to which destination and who consumed from which queue, with
-message counts and body sizes, plus settlement outcomes; aggregated in SQLite
-(:meth:`CaptureReader.select_events`) so it stays fast on large captures.
+message counts and body sizes, plus settlement outcomes. :class:`Stats`
+aggregates them in the one pass of :func:`sniff.statscan.scan` over the capture
+(what ``sniff stats`` runs for all sections at once), grouping and summing as
+the SQL aggregates it replaced did.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 from rich.console import Group, RenderableType
 from rich.table import Table
 
+from sniff.statscan import Feed, group_order, scan, sql_key
 from sniff.store import CaptureReader
 
 
@@ -21,22 +24,91 @@ def _dest(exchange: str | None, rk: str | None) -> str:
     return f"{ex}:{rk}" if rk else ex
 
 
-def section(reader: CaptureReader, services: dict[int, str]) -> RenderableType | None:
-    db = reader.db
-    fields = ("exchange", "routing_key", "body_size", "injected", "queue", "op")
-    pubs = db.execute(
-        "SELECT conn, exchange, routing_key, count(*), sum(body_size), min(body_size),"
-        f" max(body_size), sum(injected) FROM {reader.select_events(('amqp.publish',), fields)}"
-        " GROUP BY 1,2,3"
-    ).fetchall()
-    ins = db.execute(
-        "SELECT conn, kind, coalesce(queue, ''), exchange, routing_key, count(*), sum(body_size)"
-        f" FROM {reader.select_events(('amqp.deliver', 'amqp.get'), fields)} GROUP BY 1,2,3,4,5"
-    ).fetchall()
-    settles = db.execute(
-        f"SELECT conn, op, count(*) FROM {reader.select_events(('amqp.settle',), fields)}"
-        " GROUP BY 1,2"
-    ).fetchall()
+class Stats:
+    """The section's aggregates, fed one event at a time: the rows the SQL queries
+    ``GROUP BY`` gave (same groups, sums, NULLs and order)."""
+
+    json_fields: frozenset[str] = frozenset()
+
+    def __init__(self) -> None:
+        # (conn, exchange, routing_key) -> [count, sum(body), min(body), max(body), sum(injected)]
+        self.pubs: dict[tuple[Any, ...], list[Any]] = {}
+        # (conn, kind, queue or '', exchange, routing_key) -> [count, sum(body)]
+        self.ins: dict[tuple[Any, ...], list[Any]] = {}
+        self.settles: dict[tuple[Any, ...], list[Any]] = {}  # (conn, op) -> [count]
+
+    def wants(self) -> dict[str, tuple[str, ...]]:
+        cons = ("conn", "queue", "exchange", "routing_key", "body_size")
+        return {
+            "amqp.publish": ("conn", "exchange", "routing_key", "body_size", "injected"),
+            "amqp.deliver": cons,
+            "amqp.get": cons,
+            "amqp.settle": ("conn", "op"),
+        }
+
+    def feed(self, kind: str) -> Feed:
+        if kind == "amqp.publish":
+            pubs = self.pubs
+
+            def publish(v: tuple[Any, ...]) -> None:
+                conn, ex, rk, size, injected = v
+                key = (conn, ex, rk)
+                r = pubs.get(key)
+                if r is None:
+                    r = pubs[key] = [0, None, None, None, None]
+                r[0] += 1
+                if size is not None:
+                    r[1] = (r[1] or 0) + size
+                    if r[2] is None or sql_key(size) < sql_key(r[2]):
+                        r[2] = size
+                    if r[3] is None or sql_key(size) > sql_key(r[3]):
+                        r[3] = size
+                if injected is not None:
+                    r[4] = (r[4] or 0) + injected
+
+            return publish
+        if kind == "amqp.settle":
+            settles = self.settles
+
+            def settle(v: tuple[Any, ...]) -> None:
+                r = settles.get(v)
+                if r is None:
+                    r = settles[v] = [0]
+                r[0] += 1
+
+            return settle
+        ins = self.ins
+
+        def consume(v: tuple[Any, ...]) -> None:
+            conn, queue, ex, rk, size = v
+            key = (conn, kind, queue if queue is not None else "", ex, rk)
+            r = ins.get(key)
+            if r is None:
+                r = ins[key] = [0, None]
+            r[0] += 1
+            if size is not None:
+                r[1] = (r[1] or 0) + size
+
+        return consume
+
+    def rows(self) -> tuple[list[tuple[Any, ...]], ...]:
+        """(publishes, consumption, settlements) as the SQL queries returned them."""
+
+        def out(groups: dict[tuple[Any, ...], list[Any]]) -> list[tuple[Any, ...]]:
+            return [(*k, *groups[k]) for k in sorted(groups, key=group_order)]
+
+        return out(self.pubs), out(self.ins), out(self.settles)
+
+
+def section(
+    reader: CaptureReader, services: dict[int, str], stats: Stats | None = None
+) -> RenderableType | None:
+    """The section's tables; ``stats`` already fed (by ``sniff stats``' single pass),
+    or the capture is read for it."""
+    if stats is None:
+        stats = Stats()
+        scan(reader, [stats])
+    pubs, ins, settles = stats.rows()
     if not pubs and not ins:
         return None
     flow: dict[tuple[str, str], list[Any]] = defaultdict(lambda: [0, 0, None, 0, 0])

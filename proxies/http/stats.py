@@ -2,27 +2,27 @@
 
 Answers "how many requests did each component receive, from whom, for what":
 one row per (proxied service, calling component, method, route) with counts,
-4xx/5xx/cut-short counts, latency and body bytes, aggregated in SQLite
-(:meth:`CaptureReader.select_events`) so it stays fast on large captures.
+4xx/5xx/cut-short counts, latency and body bytes. :class:`Stats` aggregates
+them in the one pass of :func:`sniff.statscan.scan` over the capture (what
+``sniff stats`` runs for all sections at once), grouping and summing as the SQL
+aggregate it replaced did.
 """
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
+from typing import Any
 
 from rich.console import RenderableType
 from rich.table import Table
 
 from proxies.http.events import ROW_FIELDS
+from sniff.statscan import ABSENT, Feed, group_order, scan, sql_value
 from sniff.store import CaptureReader
 
-
-def _col(name: str) -> str:
-    return f"json_extract(j.value,'$[{ROW_FIELDS.index(name)}]')"
-
-
 _ONE = (
+    "conn",
+    "ts",
     "proxy",
     "method",
     "route",
@@ -33,31 +33,88 @@ _ONE = (
     "req_body_size",
     "resp_body_size",
 )
+# positions in a batch row (ROW_FIELDS order) of _ONE[1:]
+_AT = tuple(ROW_FIELDS.index(n) for n in _ONE[1:])
 
 
-def _query(reader: CaptureReader) -> str:
-    """Single exchanges (mitmproxy path) and batches (fast path: rows of ROW_FIELDS
-    columns; captures written with another column order are skipped here, the
-    correlator still reads them), as one row set."""
-    one = reader.select_events(("http.exchange",), _ONE)
-    many = reader.select_events(("http.exchanges",), ("rows", "fields"), json=("rows",))
-    return (
-        "WITH x(conn, ts, proxy, method, route, status, error, ts_end, rq, rs) AS ("
-        " SELECT conn, ts, proxy, method, coalesce(route, path, ''), status, error, ts_end,"
-        f" req_body_size, resp_body_size FROM {one}"
-        f" UNION ALL SELECT e.conn, {_col('ts')}, {_col('proxy')}, {_col('method')},"
-        f" coalesce({_col('route')}, {_col('path')}, ''), {_col('status')}, {_col('error')},"
-        f" {_col('ts_end')}, {_col('req_body_size')}, {_col('resp_body_size')}"
-        f" FROM {many} e, json_each(e.rows) j"
-        f" WHERE e.fields = '{json.dumps(list(ROW_FIELDS), separators=(',', ':'))}')"
-        " SELECT conn, proxy, method, route, count(*), sum(status BETWEEN 400 AND 499),"
-        " sum(status >= 500), sum(error IS NOT NULL), sum(ts_end - ts), max(ts_end - ts),"
-        " sum(rq), sum(rs) FROM x GROUP BY 1,2,3,4"
-    )
+class Stats:
+    """The section's aggregates, fed one event at a time: single exchanges (mitmproxy
+    path) and batches (fast path: rows of ROW_FIELDS columns; captures written with
+    another column order are skipped here, the correlator still reads them); the rows
+    the SQL query ``GROUP BY`` gave (same groups, sums, NULLs and order)."""
+
+    json_fields = frozenset({"rows"})
+
+    def __init__(self) -> None:
+        # (conn, proxy, method, route) -> [count, 4xx, 5xx, cut, sum(dur), max(dur), sum(in), sum(out)]
+        self.groups: dict[tuple[Any, ...], list[Any]] = {}
+
+    def wants(self) -> dict[str, tuple[str, ...]]:
+        return {"http.exchange": _ONE, "http.exchanges": ("conn", "rows", "fields")}
+
+    def feed(self, kind: str) -> Feed:
+        if kind == "http.exchange":
+            return self._add
+        add, fields = self._add, list(ROW_FIELDS)
+
+        def batch(v: tuple[Any, ...]) -> None:
+            conn, rows, names = v
+            if names != fields or rows is ABSENT:
+                return
+            if rows.__class__ is not list:  # what json_each yields for other JSON
+                rows = list(rows.values()) if isinstance(rows, dict) else [rows]
+            for row in rows:
+                if row.__class__ is list:
+                    n = len(row)
+                    add((conn, *(sql_value(row[i]) if i < n else None for i in _AT)))
+                else:  # what json_extract(x, '$[i]') gives on a scalar or an object
+                    add((conn, *(None for _ in _AT)))
+
+        return batch
+
+    def _add(self, v: tuple[Any, ...]) -> None:
+        conn, ts, proxy, method, route, path, status, error, te, rq, rs = v
+        if route is None:
+            route = path if path is not None else ""
+        key = (conn, proxy, method, route)
+        r = self.groups.get(key)
+        if r is None:
+            r = self.groups[key] = [0, None, None, 0, None, None, None, None]
+        r[0] += 1
+        if status is not None:
+            if isinstance(status, int | float):
+                r[1] = (r[1] or 0) + (400 <= status <= 499)
+                r[2] = (r[2] or 0) + (status >= 500)
+            else:  # text sorts after numbers in SQLite
+                r[1] = r[1] or 0
+                r[2] = (r[2] or 0) + 1
+        if error is not None:
+            r[3] += 1
+        if te is not None and ts is not None:
+            d = te - ts
+            r[4] = (r[4] or 0) + d
+            if r[5] is None or d > r[5]:
+                r[5] = d
+        if rq is not None:
+            r[6] = (r[6] or 0) + rq
+        if rs is not None:
+            r[7] = (r[7] or 0) + rs
+
+    def rows(self) -> list[tuple[Any, ...]]:
+        """The rows the SQL query returned."""
+        g = self.groups
+        return [(*k, *g[k]) for k in sorted(g, key=group_order)]
 
 
-def section(reader: CaptureReader, services: dict[int, str]) -> RenderableType | None:
-    rows = reader.db.execute(_query(reader)).fetchall()
+def section(
+    reader: CaptureReader, services: dict[int, str], stats: Stats | None = None
+) -> RenderableType | None:
+    """The section's table; ``stats`` already fed (by ``sniff stats``' single pass),
+    or the capture is read for it."""
+    if stats is None:
+        stats = Stats()
+        scan(reader, [stats])
+    rows = stats.rows()
     if not rows:
         return None
     agg: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0, 0, 0, 0])

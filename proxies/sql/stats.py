@@ -2,9 +2,12 @@
 
 Answers "how many SELECT/INSERT/UPDATE/DELETE did each component issue, on which
 tables, and which failed" for MySQL/MariaDB (``mysql.query``) and PostgreSQL
-(``postgres.query``) alike. Everything is aggregated in SQLite (the fields of
-:meth:`CaptureReader.select_events`, ``json_each`` over the statement's ``tables``)
-so it stays fast on large captures; Python only maps connections to services and lays out the tables.
+(``postgres.query``) alike. :class:`Stats` aggregates the statements, commands
+and failed logins in the one pass of :func:`sniff.statscan.scan` over the
+capture (what ``sniff stats`` runs for all sections at once), grouping and
+summing as the SQL aggregates it replaced did (four queries, each scanning
+every chunk with ``json_each``); Python then maps connections to services and
+lays out the tables.
 """
 
 from __future__ import annotations
@@ -15,47 +18,145 @@ from typing import Any
 from rich.console import Group, RenderableType
 from rich.table import Table
 
+from sniff.statscan import ABSENT, Feed, group_order, scan, sql_key, sql_value
 from sniff.store import CaptureReader
 
 _KINDS = ("mysql.query", "postgres.query")
 _MAIN_OPS = ("SELECT", "INSERT", "UPDATE", "DELETE")
+_QUERY = (
+    "conn",
+    "ts",
+    "db_system",
+    "operation",
+    "status",
+    "rows_returned",
+    "rows_affected",
+    "ts_end",
+    "tables",
+    "error_code",
+    "command",
+    "error_message",
+)
+_OTHER = ("conn", "command", "status", "error_code", "operation", "error_message")
 
 
 def _system(kind: str, db_system: str | None) -> str:
     return db_system or ("postgresql" if kind.startswith("postgres") else "mysql")
 
 
-def collect(reader: CaptureReader, services: dict[int, str]) -> dict[str, Any] | None:
-    """The section's numbers as plain data (also what the tables show)."""
-    db = reader.db
-    queries = reader.select_events(
-        _KINDS,
-        ("db_system", "operation", "status", "rows_returned", "rows_affected", "ts_end", "tables"),
-        json=("tables",),
-    )
-    ops = db.execute(
-        "SELECT conn, kind, db_system, operation, count(*), sum(status = 'error'),"
-        " sum(coalesce(rows_returned, 0)), sum(coalesce(rows_affected, 0)), sum(ts_end - ts)"
-        f" FROM {queries} GROUP BY 1, 2, 3, 4"
-    ).fetchall()
+def _items(v: Any) -> list[Any]:
+    """What ``json_each`` over a JSON value yields (one row for a scalar or null)."""
+    if isinstance(v, list):
+        return v
+    if isinstance(v, dict):
+        return [sql_value(x) for x in v.values()]
+    return [sql_value(v)]
+
+
+class Stats:
+    """The section's aggregates, fed one event at a time: the rows the SQL queries
+    ``GROUP BY`` gave (same groups, sums, NULLs and order)."""
+
+    json_fields = frozenset({"tables"})
+
+    def __init__(self) -> None:
+        # (conn, kind, db_system, operation) -> [count, errors, returned, affected, sum(ts_end - ts)]
+        self.ops: dict[tuple[Any, ...], list[Any]] = {}
+        # (conn, operation, table) -> [count, errors]
+        self.tables: dict[tuple[Any, ...], list[Any]] = {}
+        # (conn, kind, error_code or '', operation or command or 'LOGIN') -> [max(message), count]
+        self.errors: dict[tuple[Any, ...], list[Any]] = {}
+        # (conn, command) -> [count, errors]
+        self.commands: dict[tuple[Any, ...], list[Any]] = {}
+
+    def wants(self) -> dict[str, tuple[str, ...]]:
+        return {
+            **{k: _QUERY for k in _KINDS},
+            "mysql.command": _OTHER,
+            "mysql.connect": _OTHER,
+        }
+
+    def feed(self, kind: str) -> Feed:
+        ops, tables, error = self.ops, self.tables, self._error
+        if kind in _KINDS:
+
+            def query(v: tuple[Any, ...]) -> None:
+                conn, ts, system, op, status, ret, aff, te, tabs, code, cmd, msg = v
+                key = (conn, kind, system, op)
+                r = ops.get(key)
+                if r is None:
+                    r = ops[key] = [0, None, 0, 0, None]
+                r[0] += 1
+                if status is not None:
+                    r[1] = (r[1] or 0) + (status == "error")
+                if ret is not None:
+                    r[2] += ret
+                if aff is not None:
+                    r[3] += aff
+                if te is not None and ts is not None:
+                    r[4] = (r[4] or 0) + (te - ts)
+                if tabs is not ABSENT:
+                    for t in tabs if tabs.__class__ is list else _items(tabs):
+                        if t.__class__ is not str:
+                            t = sql_value(t)
+                        tk = (conn, op, t)
+                        c = tables.get(tk)
+                        if c is None:
+                            c = tables[tk] = [0, None]
+                        c[0] += 1
+                        if status is not None:
+                            c[1] = (c[1] or 0) + (status == "error")
+                if status == "error":
+                    error(conn, kind, code, op, cmd, msg)
+
+            return query
+        commands = self.commands
+
+        def other(v: tuple[Any, ...]) -> None:
+            conn, cmd, status, code, op, msg = v
+            if kind == "mysql.command":
+                key = (conn, cmd)
+                c = commands.get(key)
+                if c is None:
+                    c = commands[key] = [0, None]
+                c[0] += 1
+                if status is not None:
+                    c[1] = (c[1] or 0) + (status == "error")
+            if status == "error":
+                error(conn, kind, code, op, cmd, msg)
+
+        return other
+
+    def _error(self, conn: Any, kind: str, code: Any, op: Any, cmd: Any, msg: Any) -> None:
+        what = op if op is not None else (cmd if cmd is not None else "LOGIN")
+        key = (conn, kind, code if code is not None else "", what)
+        e = self.errors.get(key)
+        if e is None:
+            e = self.errors[key] = [None, 0]
+        e[1] += 1
+        if msg is not None and (e[0] is None or sql_key(msg) > sql_key(e[0])):
+            e[0] = msg
+
+    def rows(self) -> tuple[list[tuple[Any, ...]], ...]:
+        """(ops, tables, errors, commands) as the SQL queries returned them."""
+
+        def out(groups: dict[tuple[Any, ...], list[Any]]) -> list[tuple[Any, ...]]:
+            return [(*k, *groups[k]) for k in sorted(groups, key=group_order)]
+
+        return out(self.ops), out(self.tables), out(self.errors), out(self.commands)
+
+
+def collect(
+    reader: CaptureReader, services: dict[int, str], stats: Stats | None = None
+) -> dict[str, Any] | None:
+    """The section's numbers as plain data (also what the tables show); ``stats``
+    already fed (by ``sniff stats``' single pass), or the capture is read for it."""
+    if stats is None:
+        stats = Stats()
+        scan(reader, [stats])
+    ops, tables, errors, commands = stats.rows()
     if not ops:
         return None
-    tables = db.execute(
-        "SELECT e.conn, e.operation, t.value, count(*), sum(e.status = 'error')"
-        f" FROM {queries} e, json_each(e.tables) t GROUP BY 1, 2, 3"
-    ).fetchall()
-    failed = reader.select_events(
-        (*_KINDS, "mysql.command", "mysql.connect"),
-        ("error_code", "operation", "command", "error_message", "status"),
-    )
-    errors = db.execute(
-        "SELECT conn, kind, coalesce(error_code, ''), coalesce(operation, command, 'LOGIN'),"
-        f" max(error_message), count(*) FROM {failed} WHERE status = 'error' GROUP BY 1, 2, 3, 4"
-    ).fetchall()
-    mysql_cmds = reader.select_events(("mysql.command",), ("command", "status"))
-    commands = db.execute(
-        f"SELECT conn, command, count(*), sum(status = 'error') FROM {mysql_cmds} GROUP BY 1, 2"
-    ).fetchall()
 
     by_op: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
     for conn, kind, system, op, n, nerr, ret, aff, dur in ops:
@@ -111,8 +212,10 @@ def collect(reader: CaptureReader, services: dict[int, str]) -> dict[str, Any] |
     }
 
 
-def section(reader: CaptureReader, services: dict[int, str]) -> RenderableType | None:
-    data = collect(reader, services)
+def section(
+    reader: CaptureReader, services: dict[int, str], stats: Stats | None = None
+) -> RenderableType | None:
+    data = collect(reader, services, stats)
     if data is None:
         return None
     parts: list[RenderableType] = []
