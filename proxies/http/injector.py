@@ -182,6 +182,11 @@ class Http1Injector:
             parts.append(buf[self._pos :])
         out = parts[0] if len(parts) == 1 else b"".join(parts)
         self._ship(out)
+        if self.hold_ts == -1:
+            # A head begun in this chunk is dated after the chunk is shipped, not before:
+            # the capture side dates the heads completed in this chunk by its ship time,
+            # and a pipelined request must not start before the one ahead of it.
+            self.hold_ts = self.clock()
         return out
 
     def _loop(self, buf: bytes, n: int, out: list[bytes]) -> None:
@@ -199,12 +204,12 @@ class Http1Injector:
                     if n - pos > self.max_head:
                         raise _ProtoErr(f"request head longer than {self.max_head} bytes")
                     if not self.hold_ts:
-                        self.hold_ts = self.clock()
+                        self.hold_ts = -1  # dated once this chunk is shipped (feed_client)
                     self.hold = buf[pos:] if pos else buf
                     break
                 if end - pos > self.max_head:
                     raise _ProtoErr(f"request head longer than {self.max_head} bytes")
-                if self.hold_ts:  # this head was held: the decoder dates it from its first byte
+                if self.hold_ts > 0:  # this head was held: the decoder dates it from its first byte
                     self.meta.append(self.hold_ts)
                     self.hold_ts = 0
                 out.append(self._head(buf, pos, end))
