@@ -65,6 +65,7 @@ class Stats:
         # (conn, operation, table) -> [count, errors]
         self.tables: dict[tuple[Any, ...], list[Any]] = {}
         # (conn, kind, error_code or '', operation or command or 'LOGIN') -> [max(message), count]
+        # (the example message shown: the largest, the same whatever order chunks are read in)
         self.errors: dict[tuple[Any, ...], list[Any]] = {}
         # (conn, command) -> [count, errors]
         self.commands: dict[tuple[Any, ...], list[Any]] = {}
@@ -260,7 +261,7 @@ def section(
 
     if data["errors"]:
         t3 = Table(title="SQL errors", title_justify="left")
-        for c in ("service", "code", "operation", "count", "message (first seen)"):
+        for c in ("service", "code", "operation", "count", "example message"):
             t3.add_column(c, justify="right" if c == "count" else "left")
         for r in data["errors"]:
             msg = r["message"]
