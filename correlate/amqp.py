@@ -300,12 +300,12 @@ class AmqpSpans:
         corr = ev.properties.get("correlation_id")
         if reply_to and corr:
             self.rpc[(reply_to, corr)] = (ev.trace_id, ev.span_id, ev.ts)
+        key = (ev.conn, ev.channel)
         if corr and self._is_response(ev.routing_key, corr):
             span.attrs["sniff.amqp.rpc_response"] = True  # the caller's reply, not new work
         else:
             self.e.causal.unit_start(ev.conn, "client", span, ev.ts, shared_ids.values(ev.body_ids))
             if ev.no_ack:
-                key = (ev.conn, ev.channel)
                 prev = self.noack_open.pop(key, None)
                 if prev is not None:
                     self.e.causal.unit_end(prev, ev.ts)
@@ -315,7 +315,6 @@ class AmqpSpans:
         if ev.no_ack:
             self.e.emit(span)
         else:
-            key = (ev.conn, ev.channel)
             unsettled = self.unsettled.get(key)
             if unsettled is None:
                 unsettled = self.unsettled[key] = OrderedDict()

@@ -190,10 +190,9 @@ class Causal:
             return
         if ids.__class__ is not frozenset:
             ids = frozenset(ids or ())
-        if finished:
-            self._push(ts, _CALL, Call(span, conn, ts, ids, decided, group, True), None)
-        else:
-            self._push(ts, _CALL, Call(span, conn, ts, ids, decided, group), span.span_id)
+        call = Call(span, conn, ts, ids, decided, group, finished)
+        # a finished call is its span's only notification: nothing to count as pending
+        self._push(ts, _CALL, call, None if finished else span.span_id)
 
     def group_end(self, group: Any, ts: int) -> None:
         self._push(ts, _GROUP_END, group, None)
@@ -213,13 +212,6 @@ class Causal:
             self._fifo.append((ts, next(self._seq), kind, payload))
         else:
             heapq.heappush(self._heap, (ts, next(self._seq), kind, payload))
-
-    def next_ts(self) -> int | None:
-        """The timestamp of the next notification to process (None: nothing queued)."""
-        fifo, heap = self._fifo, self._heap
-        if fifo:
-            return fifo[0][0] if not heap or fifo[0] <= heap[0] else heap[0][0]
-        return heap[0][0] if heap else None
 
     def _pop(self) -> tuple[int, int, int, Any]:
         fifo, heap = self._fifo, self._heap

@@ -134,13 +134,7 @@ class Correlator:
             # the causal stage runs lag_ns behind; stepping it once per _ADVANCE_NS of
             # event time instead of after every event does the same work in batches
             self._advance_at = ts + _ADVANCE_NS
-            limit = ts - causal.lag_ns
-            if (
-                (causal._fifo and causal._fifo[0][0] <= limit)
-                or (causal._heap and causal._heap[0][0] <= limit)
-                or (causal._ready and causal._ready[0][0] <= limit)
-            ):
-                causal.advance(ts)
+            causal.advance(ts)
 
     def _handler_for(self, ev: Event) -> Callable[[Event], None]:
         """The function that takes events of ``ev``'s class: the core table, or the

@@ -736,12 +736,7 @@ class Http1Decoder:
         if status == 204 or status == 304 or ex.method == "HEAD":
             self._response_done(ex, now)
         elif (i := lh.find(b"\r\ncontent-length:")) >= 0 and b"\r\ntransfer-encoding:" not in lh:
-            j = lh.find(b"\r\n", i + 17)
-            v = lh[i + 17 : j].strip(b" \t")
-            if v.isdigit() and len(v) < 19 and lh.find(b"\r\ncontent-length:", j) < 0:
-                length = int(v)
-            else:
-                length = _content_length(header_values(lh, b"content-length"))
+            length = _length_at(lh, i)
             if length:
                 self.sresp = ex
                 self.sleft = length
@@ -896,6 +891,17 @@ class Http1Decoder:
                 self.release(held)
 
 
+def _length_at(lh: bytes, i: int) -> int:
+    """The Content-Length of a lowercased head whose first such header starts at ``i``
+    (its CRLF): one plain value read in place, anything else (repeats, lists) checked
+    by ``_content_length``, which raises ``_ProtoErr`` where parsers could disagree."""
+    j = lh.find(b"\r\n", i + 17)
+    v = lh[i + 17 : j].strip(b" \t")
+    if v.isdigit() and len(v) < 19 and lh.find(b"\r\ncontent-length:", j) < 0:
+        return int(v)
+    return _content_length(header_values(lh, b"content-length"))
+
+
 def request_framing(lh: bytes, v11: bool, connect: bool) -> tuple[int, bool, str | None]:
     """(Content-Length, chunked, protocol switch asked) of a validated, lowercased
     request head (``lh``: request line to the last header line's CRLF). Raises
@@ -912,12 +918,7 @@ def request_framing(lh: bytes, v11: bool, connect: bool) -> tuple[int, bool, str
             raise _ProtoErr("request Transfer-Encoding does not end in chunked")
         chunked = True
     elif (i := lh.find(b"\r\ncontent-length:")) >= 0:
-        j = lh.find(b"\r\n", i + 17)
-        v = lh[i + 17 : j].strip(b" \t")
-        if v.isdigit() and len(v) < 19 and lh.find(b"\r\ncontent-length:", j) < 0:
-            length = int(v)
-        else:
-            length = _content_length(header_values(lh, b"content-length"))
+        length = _length_at(lh, i)
     if connect:
         upgrade = "connect"
     elif v11 and b"\r\nupgrade:" in lh:
