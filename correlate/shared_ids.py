@@ -47,13 +47,18 @@ UUID_RE = re.compile(
 )
 
 
+def _names_rx(names: tuple[str, ...]) -> re.Pattern[bytes]:
+    return re.compile(b"|".join(re.escape(n.encode()) for n in names), re.IGNORECASE)
+
+
 class Settings:
     """What to extract; configured once per process from ``[correlate]``."""
 
     def __init__(self) -> None:
         self.headers: tuple[str, ...] = DEFAULT_HEADERS
-        # the same names as bytes, to test a raw headers table before decoding it
-        self.headers_b: tuple[bytes, ...] = tuple(h.encode() for h in DEFAULT_HEADERS)
+        # one case-insensitive search for any of the names in a raw headers table,
+        # to decide whether it is worth decoding
+        self.headers_rx: re.Pattern[bytes] = _names_rx(DEFAULT_HEADERS)
         self.json_keys: tuple[str, ...] = DEFAULT_JSON_KEYS
         self.weak_json_keys: tuple[str, ...] = WEAK_JSON_KEYS
         self.regexes: tuple[re.Pattern[bytes], ...] = ()
@@ -78,7 +83,7 @@ def configure(options: dict[str, Any]) -> None:
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
             raise ValueError(f"correlate.{key}: expected a list of strings, got {v!r}")
     s.headers = DEFAULT_HEADERS + tuple(h.lower() for h in options.get("id_headers", []))
-    s.headers_b = tuple(h.encode() for h in s.headers)
+    s.headers_rx = _names_rx(s.headers)
     s.json_keys = DEFAULT_JSON_KEYS + tuple(options.get("id_json_keys", []))
     regexes = []
     for r in options.get("id_regexes", []):

@@ -203,7 +203,7 @@ def encode_chunk(batch: list[Event]) -> tuple[str, int, int]:
 
     One orjson call for the whole batch over tuples (no dataclass introspection
     per event); the caller records each kind's :func:`field_names` in ``fields``."""
-    batch.sort(key=_ts)
+    batch.sort(key=_ev_ts)
     getters = _getters
     try:
         rows = [(ev.kind, *getters[ev.__class__](ev)) for ev in batch]
@@ -213,10 +213,6 @@ def encode_chunk(batch: list[Event]) -> tuple[str, int, int]:
         rows = [(ev.kind, *getters[ev.__class__](ev)) for ev in batch]
     data = orjson.dumps(rows, default=_default)
     return data.decode(), batch[0].ts, batch[-1].ts
-
-
-def _ts(ev: Event) -> int:
-    return ev.ts
 
 
 _ev_ts: Callable[[Event], int] = operator.attrgetter("ts")  # a C key for sorts and bisects

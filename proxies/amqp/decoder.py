@@ -335,6 +335,13 @@ class AmqpDecoder:
                     break
                 ftype, ch, size = _FRAME_HDR.unpack_from(data, pos)
                 if ftype == 3:
+                    end = pos + 8 + size
+                    if end <= n:  # the whole body frame is here (the common case)
+                        if data[end - 1] != 0xCE:
+                            raise _ProtoErr("body frame does not end with 0xCE")
+                        self._body_frame(st, ch, data, pos + 7, end - 1, now)
+                        pos = end
+                        continue
                     self._body_start(st, ch, size)
                     st.body_chan = ch
                     st.body_left = size + 1
@@ -436,9 +443,13 @@ class AmqpDecoder:
                 chan.pub = _Msg("publish", now, "", "", _LEAN_PUBLISH)
                 return
             if idx == BASIC_PUBLISH:
-                pos += 2  # reserved ticket
-                exchange, pos = _shortstr(p, pos, end)
-                rk, pos = _shortstr(p, pos, end)
+                pos += 3  # reserved ticket, then the exchange's length byte
+                stop = pos + p[pos - 1]
+                exchange = p[pos:stop].decode("utf-8", "replace") if stop > pos else ""
+                pos = stop + 1
+                stop = pos + p[stop]
+                rk = p[pos:stop].decode("utf-8", "replace")
+                pos = stop
                 if pos + 1 != end:
                     raise _ProtoErr("Basic.Publish has trailing bytes")
                 chan = self._chan(ch)
@@ -653,11 +664,13 @@ class AmqpDecoder:
         now: int,
     ) -> bytes | None:
         if tp is not None and self.sniff_injected:
-            parsed_own = ids.parse_traceparent(tp)
-            if parsed_own is not None and parsed_own[1] in self.sniff_injected:
+            # the proxy's own tags are exactly "00-<trace id>-<span id>-01": look the
+            # span id up before parsing (each tag is new, so a parse cache never hits)
+            own = tp[36:52] if len(tp) == ids.TRACEPARENT_LEN else ""
+            if own in self.sniff_injected:
                 # the proxy injected this one (decode = "capture"): it is our own span
-                self.sniff_injected.discard(parsed_own[1])
-                msg.trace_id, msg.span_id = parsed_own[0], parsed_own[1]
+                self.sniff_injected.discard(own)
+                msg.trace_id, msg.span_id = tp[3:35], own
                 msg.injected = True
                 return None
         msg.span_id = self._span_id()
@@ -703,6 +716,25 @@ class AmqpDecoder:
             raise _ProtoErr(
                 f"body frames on channel {ch} exceed the announced size {msg.body_size}"
             )
+
+    def _body_frame(self, st: _Stream, ch: int, p: bytes, start: int, end: int, now: int) -> None:
+        """A whole body frame ``p[start:end]`` (payload only): _body_start, _body and
+        _body_done in one call."""
+        chan = self._chans.get(ch)
+        msg = (chan.pub if st.c2s else chan.inc) if chan is not None else None
+        if msg is None or not msg.got_header:
+            raise _ProtoErr(f"body frame on channel {ch} without a content header")
+        have = msg.received
+        size = end - start
+        if have + size > msg.body_size:
+            raise _ProtoErr(
+                f"body frames on channel {ch} exceed the announced size {msg.body_size}"
+            )
+        if have < self._head_max and size:
+            msg.head.append(p[start : start + min(size, self._head_max - have)])
+        have = msg.received = have + size
+        if have >= msg.body_size:
+            self._finish(ch, chan, msg, now)  # type: ignore[arg-type]
 
     def _body(self, st: _Stream, p: bytes, start: int, end: int) -> None:
         chan = self._chans[st.body_chan]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from correlate import shared_ids
+from proxies.amqp.rewrite import decode_headers
 from sniff.events import Event, event
 
 
@@ -23,18 +25,13 @@ class _Ids:
     needs_prepare: ClassVar[bool] = True
 
     def prepare(self: Any) -> None:
-        from correlate import shared_ids
-        from proxies.amqp.rewrite import decode_headers
-
         ids: dict[str, str] = {}
         props = self.properties
         if props.get("correlation_id"):
             ids["prop.correlation_id"] = str(props["correlation_id"])
         raw = self.headers_raw
-        if raw:
-            low = raw.lower()
-            if any(h in low for h in shared_ids.settings.headers_b):
-                shared_ids.from_headers(decode_headers(raw).items(), ids)
+        if raw and shared_ids.settings.headers_rx.search(raw) is not None:
+            shared_ids.from_headers(decode_headers(raw).items(), ids)
         shared_ids.from_body(self.body_head, ids)
         self.body_ids = ids or None
         if not self.keep_body:

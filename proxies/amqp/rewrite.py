@@ -224,9 +224,19 @@ def table_lookup(p: bytes, start: int, end: int, key: bytes) -> tuple[int, int, 
 
 def find_traceparent(p: bytes, h: ContentHeader) -> str | None:
     """The ``traceparent`` header's value as a string, or None (absent or not a string)."""
-    if not h.has_headers or p.find(_NEEDLE, h.headers_start, h.headers_end) < 0:
+    if not h.flags & FLAG_HEADERS:
         return None
-    found = table_lookup(p, h.headers_start, h.headers_end, TRACEPARENT_KEY)
+    hs, he = h.headers_start, h.headers_end
+    at = p.find(_NEEDLE, hs, he)
+    if at < 0:
+        return None
+    if at == hs + 4 and at + 17 <= he and p[at + 12] == 83:  # 'S'
+        # the table's first key (where a table that only holds sniff's tag has
+        # it): no walk needed to know this is a key and not inside a value
+        (n,) = _U32.unpack_from(p, at + 13)
+        if at + 17 + n <= he:
+            return p[at + 17 : at + 17 + n].decode("latin-1")
+    found = table_lookup(p, hs, he, TRACEPARENT_KEY)
     if found is None:
         return None
     t, v, v_end = found

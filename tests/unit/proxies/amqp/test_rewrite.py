@@ -122,6 +122,30 @@ def test_existing_traceparent_is_found() -> None:
     assert find_traceparent(f, h) == TP
 
 
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"traceparent": TP}, TP),  # sniff's tag alone: the first key, read without a walk
+        ({"traceparent": TP, "x": "\x0btraceparentS"}, TP),
+        ({"traceparent": 7}, None),  # a key, but not a string
+    ],
+)
+def test_traceparent_as_first_key(headers: dict[str, object], expected: str | None) -> None:
+    f = _frame(commands.Basic.Properties(headers=headers))
+    h = parse_content_header(f, *_payload_bounds(f))
+    assert find_traceparent(f, h) == expected
+
+
+def test_traceparent_as_a_byte_array_is_read() -> None:
+    # pamqp cannot encode a byte array value ('x'); some clients send one
+    entry = b"\x0btraceparentx" + struct.pack(">I", len(TP)) + TP.encode()
+    table = struct.pack(">I", len(entry)) + entry
+    payload = struct.pack(">HHQH", 60, 0, 10, 1 << 13) + table
+    f = struct.pack(">BHI", 2, 1, len(payload)) + payload + b"\xce"
+    h = parse_content_header(f, 7, len(f) - 1)
+    assert find_traceparent(f, h) == TP
+
+
 def test_needle_inside_a_value_is_not_a_key() -> None:
     f = _frame(commands.Basic.Properties(headers={"x": "\x0btraceparentS"}))
     h = parse_content_header(f, *_payload_bounds(f))
