@@ -14,6 +14,10 @@ Scenarios, each against RabbitMQ on 127.0.0.1:5672 through all three paths:
   the reply that an echo server (another process, same path) publishes to its
   reply_to; median and p99 over sequential calls.
 
+Before each scenario the driver waits until sniff's processes, the plain relay
+and the broker are idle, so no scenario is measured while the capture process
+(or the broker) still works off the previous one's burst.
+
 sniff runs as ``sniff run`` with decoding, traceparent injection and capture on.
 Prints the numbers and the ratios the issue sets bars on: sniff / plain relay
 publish throughput (bar 0.9x, plus the ratio to direct) and sniff's added median
@@ -274,6 +278,41 @@ def bench_rpc(port: int, n: int) -> list[float]:
 # --- driver ------------------------------------------------------------------------------
 
 
+def _cpu_ticks(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total
+
+
+def settle(pids: list[int], timeout: float = 60.0) -> float:
+    """Wait until ``pids`` are idle (under 5% of a core over 0.5 s): each scenario
+    starts from a quiet machine, not while sniff's capture process (or the broker)
+    is still working off the previous scenario's burst. Returns the seconds waited."""
+    t0 = time.monotonic()
+    hz = os.sysconf("SC_CLK_TCK")
+    while time.monotonic() - t0 < timeout:
+        a = _cpu_ticks(pids)
+        time.sleep(0.5)
+        if (_cpu_ticks(pids) - a) / hz < 0.025:
+            break
+    return time.monotonic() - t0
+
+
+def _children(pid: int) -> list[int]:
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(x) for x in f.read().split()]
+    return []
+
+
+def _broker_pids() -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "beam.smp"], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
 def pct(xs: list[float], q: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, int(q * len(s)))]
@@ -289,7 +328,15 @@ def main() -> int:
     ap.add_argument(
         "--rounds", type=int, default=2, help="repeat each measurement; the best round counts"
     )
+    ap.add_argument(
+        "--only",
+        default="pub,aio,con,rpc",
+        help="comma-separated scenarios to run: pub, aio, con, rpc (default: all)",
+    )
     args = ap.parse_args()
+    only = set(args.only.split(","))
+    if not only or only - {"pub", "aio", "con", "rpc"}:
+        ap.error(f"--only: expected some of pub, aio, con, rpc; got {args.only!r}")
     scale = 0.2 if args.quick else 1.0
     per_proc = int(25_000 * scale)
     aio_n = int(20_000 * scale)
@@ -302,18 +349,29 @@ def main() -> int:
     wait_port(plain_port)
     paths = {"direct": BROKER, "plain relay": plain_port, "sniff": sniff.port}
     results: dict[str, dict[str, Any]] = {k: {} for k in paths}
+    quiet = [sniff.p.pid, *_children(sniff.p.pid), plain.pid, *_broker_pids()]
+    waited = 0.0
     try:
         for round_ in range(args.rounds):
             for name, port in paths.items():
                 r = results[name]
                 print(f"round {round_ + 1}: {name} ...", flush=True)
-                r["pub"] = max(r.get("pub", 0.0), bench_publish_pika(port, 4, per_proc, 256))
-                r["aio"] = max(r.get("aio", 0.0), bench_publish_aio(port, aio_n, 256))
-                r["con"] = max(r.get("con", 0.0), bench_consume(port, con_n, 256))
-                samples = bench_rpc(port, rpc_n)
-                med, p99 = statistics.median(samples), pct(samples, 0.99)
-                if "rpc_med" not in r or med < r["rpc_med"]:
-                    r["rpc_med"], r["rpc_p99"] = med, p99
+                if "pub" in only:
+                    waited += settle(quiet)
+                    rate = bench_publish_pika(port, 4, per_proc, 256)
+                    r["pub"] = max(r.get("pub", 0.0), rate)
+                if "aio" in only:
+                    waited += settle(quiet)
+                    r["aio"] = max(r.get("aio", 0.0), bench_publish_aio(port, aio_n, 256))
+                if "con" in only:
+                    waited += settle(quiet)
+                    r["con"] = max(r.get("con", 0.0), bench_consume(port, con_n, 256))
+                if "rpc" in only:
+                    waited += settle(quiet)
+                    samples = bench_rpc(port, rpc_n)
+                    med, p99 = statistics.median(samples), pct(samples, 0.99)
+                    if "rpc_med" not in r or med < r["rpc_med"]:
+                        r["rpc_med"], r["rpc_p99"] = med, p99
     finally:
         err = sniff.stop()
         plain.stop()
@@ -335,29 +393,31 @@ def main() -> int:
         ("aio", "publish, aio-pika confirms (msg/s)"),
         ("con", "consume, pika (msg/s)"),
     ):
+        if key in only:
+            print(
+                f"{label:34}{d[key]:>12,.0f}{p[key]:>14,.0f}{s[key]:>12,.0f}"
+                f"{s[key] / p[key]:>12.2f}x{s[key] / d[key]:>13.2f}x"
+            )
+    if "rpc" in only:
+        for key, label in (("rpc_med", "median"), ("rpc_p99", "p99")):
+            print(
+                f"{'RPC round trip ' + label + ' (us)':34}{d[key] * 1e6:>12.0f}"
+                f"{p[key] * 1e6:>14.0f}{s[key] * 1e6:>12.0f}"
+            )
+        added_p = p["rpc_med"] - d["rpc_med"]
+        added_s = s["rpc_med"] - d["rpc_med"]
+        ratio = added_s / added_p if added_p > 0 else float("nan")
         print(
-            f"{label:34}{d[key]:>12,.0f}{p[key]:>14,.0f}{s[key]:>12,.0f}"
-            f"{s[key] / p[key]:>12.2f}x{s[key] / d[key]:>13.2f}x"
+            f"added median latency: plain relay {added_p * 1e6:.0f} us, "
+            f"sniff {added_s * 1e6:.0f} us -> sniff/plain {ratio:.2f}x (bar <= 1.25x)"
         )
-    print(
-        f"{'RPC round trip median (us)':34}{d['rpc_med'] * 1e6:>12.0f}{p['rpc_med'] * 1e6:>14.0f}"
-        f"{s['rpc_med'] * 1e6:>12.0f}"
-    )
-    print(
-        f"{'RPC round trip p99 (us)':34}{d['rpc_p99'] * 1e6:>12.0f}{p['rpc_p99'] * 1e6:>14.0f}"
-        f"{s['rpc_p99'] * 1e6:>12.0f}"
-    )
-    added_p = p["rpc_med"] - d["rpc_med"]
-    added_s = s["rpc_med"] - d["rpc_med"]
-    print(
-        f"added median latency: plain relay {added_p * 1e6:.0f} us, sniff {added_s * 1e6:.0f} us "
-        f"-> sniff/plain {added_s / added_p if added_p > 0 else float('nan'):.2f}x (bar <= 1.25x)"
-    )
-    print(
-        f"publish throughput sniff/plain relay: {s['pub'] / p['pub']:.2f}x (bar >= 0.9x); "
-        f"sniff/direct: {s['pub'] / d['pub']:.2f}x"
-    )
+    if "pub" in only:
+        print(
+            f"publish throughput sniff/plain relay: {s['pub'] / p['pub']:.2f}x (bar >= 0.9x); "
+            f"sniff/direct: {s['pub'] / d['pub']:.2f}x"
+        )
     print(f"sniff captured {events:,} events, {dropped} dropped")
+    print(f"waited {waited:.1f} s in all for the machine to go quiet between scenarios")
     if err.strip():
         print("sniff stderr:", err.strip()[-2000:])
     return 0

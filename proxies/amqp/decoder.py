@@ -100,7 +100,6 @@ _SECRET_FIELDS = {
 _IDENTITY_KEYS = ("product", "version", "platform", "connection_name", "information")
 
 PRE_TUNE_FRAME_LIMIT = 1 << 20  # sanity bound for non-body frames before Tune-Ok
-_LEAN_PUBLISH: dict[str, Any] = {"mandatory": False}
 
 
 class _ProtoErr(Exception):
@@ -164,6 +163,12 @@ class _Msg:
         self.parent: str | None = None
         self.injected = False
         self.note: str | None = None
+
+
+# the methods the relay side of decode = "capture" decodes (frame_max, channel reuse)
+_LEAN_METHODS = frozenset((CONNECTION_TUNE_OK, CHANNEL_OPEN, CHANNEL_CLOSE_OK))
+# the relay side's mark for "a publish awaits its content header" (see _feed_lean)
+_LEAN_MSG = _Msg("publish", 0, "", "", {})
 
 
 class _Chan:
@@ -271,6 +276,8 @@ class AmqpDecoder:
             if self.c.buf:  # only ever non-empty here when injecting (bytes not yet sent)
                 data, self.c.buf = self.c.buf + data, b""
             return data
+        if self.lean:
+            return self._feed_lean(data)
         return self._feed(self.c, data, self.inject)
 
     def feed_server(self, data: bytes) -> None:
@@ -301,17 +308,9 @@ class AmqpDecoder:
         last = 0
         try:
             if not st.started:
-                if n < 8:
-                    if PROTOCOL_HEADER.startswith(data[:n]):
-                        st.buf = data
-                        return b"" if rewrite else chunk
-                    raise _ProtoErr(f"not an AMQP 0-9-1 protocol header: {data[:8]!r}")
-                if data[:8] != PROTOCOL_HEADER:
-                    raise _ProtoErr(
-                        f"unsupported protocol header {data[:8]!r} (sniff speaks AMQP 0-9-1)"
-                    )
-                st.started = True
-                pos = 8
+                pos = self._protocol_header(st, data)
+                if pos < 0:
+                    return b"" if rewrite else chunk
             while pos < n:
                 if st.body_left:
                     take = n - pos
@@ -398,6 +397,138 @@ class AmqpDecoder:
         parts.append(data[last:pos])
         return b"".join(parts)
 
+    def _feed_lean(self, data: bytes) -> bytes:
+        """The relay side of ``decode = "capture"`` with injection: the client stream
+        framed just enough to tag each publish's content header, everything else
+        forwarded as it came (the capture process decodes and checks a copy).
+        Returns the bytes to forward now; a partial non-body frame is held back."""
+        st = self.c
+        if st.buf:
+            data = st.buf + data
+            st.buf = b""
+        n = len(data)
+        pos = 0
+        parts: list[bytes] | None = None
+        last = 0
+        chans = self._chans
+        unpack = _FRAME_HDR.unpack_from
+        try:
+            if not st.started:
+                pos = self._protocol_header(st, data)
+                if pos < 0:
+                    return b""
+            body_left = st.body_left
+            if body_left:  # the rest of a body frame begun in an earlier chunk
+                if n < body_left:
+                    st.body_left = body_left - n
+                    st.offset += n
+                    return data
+                pos = body_left
+                st.body_left = 0
+                if data[pos - 1] != 0xCE:
+                    raise _ProtoErr("body frame does not end with 0xCE")
+            limit = self._frame_limit
+            while n - pos >= 7:
+                ftype, ch, size = unpack(data, pos)
+                end = pos + 8 + size
+                if ftype == 3:  # body: only its length matters here
+                    if end > n:
+                        st.body_left = end - n
+                        pos = n
+                        break
+                    if data[end - 1] != 0xCE:
+                        raise _ProtoErr("body frame does not end with 0xCE")
+                    pos = end
+                    continue
+                if ftype == 1 or ftype == 2:
+                    if size > limit:
+                        raise _ProtoErr(f"frame of {size} bytes exceeds frame_max {limit}")
+                elif ftype == 8:
+                    if size != 0 or ch != 0:
+                        raise _ProtoErr(f"heartbeat frame with size {size} on channel {ch}")
+                else:
+                    raise _ProtoErr(f"unknown frame type {ftype}")
+                if end > n:
+                    break
+                if data[end - 1] != 0xCE:
+                    raise _ProtoErr("frame does not end with 0xCE")
+                self.frames += 1
+                if ftype == 1:
+                    if size < 4:
+                        raise _ProtoErr("method frame shorter than its class and method ids")
+                    idx = (
+                        data[pos + 7] << 24
+                        | data[pos + 8] << 16
+                        | data[pos + 9] << 8
+                        | data[pos + 10]
+                    )
+                    if idx == BASIC_PUBLISH:
+                        chan = chans.get(ch) or self._chan(ch)
+                        if chan.pub is not None:
+                            raise _ProtoErr(
+                                f"Basic.Publish on channel {ch} before the previous content ended"
+                            )
+                        chan.pub = _LEAN_MSG
+                    elif idx in _LEAN_METHODS:
+                        self._generic_method(st, ch, data, pos + 7, end - 1, idx, 0)
+                        limit = self._frame_limit
+                elif ftype == 2:
+                    chan = chans.get(ch)
+                    if chan is not None and chan.pub is not None:
+                        chan.pub = None  # the content header: tag it, the body follows
+                        new = self._lean_tag(data, pos + 7, end - 1)
+                        if new is not None:
+                            if parts is None:
+                                parts = []
+                            parts.append(data[last:pos])
+                            parts.append(new)
+                            last = end
+                else:
+                    self.heartbeats += 1
+                pos = end
+        except (_ProtoErr, HeaderError, IndexError, struct.error, UnicodeDecodeError) as e:
+            self._fail(st, data, pos, f"{e}")
+            if parts is None:
+                return data[last:] if last else data
+            parts.append(data[last:])
+            return b"".join(parts)
+        if pos < n:
+            st.buf = data[pos:]
+        st.offset += pos
+        if parts is None:
+            return data if pos == n else data[:pos]
+        parts.append(data[last:pos])
+        return b"".join(parts)
+
+    def _lean_tag(self, p: bytes, start: int, end: int) -> bytes | None:
+        """The content header ``p[start:end]`` of a publish with a fresh traceparent
+        added, or None to forward it unchanged (it has one, or would outgrow frame_max)."""
+        h = parse_content_header(p, start, end, props=False)
+        if h.class_id != 60:
+            raise _ProtoErr(f"content header for class {h.class_id}, expected Basic (60)")
+        if find_traceparent(p, h) is not None:
+            return None  # the application's (or an invalid one): left as it is
+        if self.frame_max and injected_size(h, end - start) > self.frame_max:
+            return None  # the capture process records why, from its own copy
+        span_id = self._span_id()
+        self.injected_now.append(span_id)
+        return inject_traceparent(
+            p, start, end, h, ids.format_traceparent(self._trace_id(), span_id)
+        )
+
+    def _protocol_header(self, st: _Stream, data: bytes) -> int:
+        """Check the client's opening protocol header: the position after it, or -1
+        (held in ``st.buf``) while fewer than 8 bytes have arrived."""
+        if len(data) < 8:
+            if PROTOCOL_HEADER.startswith(data):
+                st.buf = data
+                return -1
+            raise _ProtoErr(f"not an AMQP 0-9-1 protocol header: {data[:8]!r}")
+        if data[:8] != PROTOCOL_HEADER:
+            raise _ProtoErr(f"unsupported protocol header {data[:8]!r} (sniff speaks AMQP 0-9-1)")
+        st.started = True
+        return 8
+
     def _fail(self, st: _Stream, data: bytes, pos: int, reason: str) -> None:
         self.passthrough = True
         self._emit(
@@ -432,16 +563,6 @@ class AmqpDecoder:
         idx = cls_id << 16 | meth_id
         pos = start + 4
         if st.c2s:
-            if idx == BASIC_PUBLISH and self.lean:
-                # the proxy side only needs to know a publish began (its content header
-                # may get a tag); the capture process decodes its arguments
-                chan = self._chan(ch)
-                if chan.pub is not None:
-                    raise _ProtoErr(
-                        f"Basic.Publish on channel {ch} before the previous content ended"
-                    )
-                chan.pub = _Msg("publish", now, "", "", _LEAN_PUBLISH)
-                return
             if idx == BASIC_PUBLISH:
                 pos += 3  # reserved ticket, then the exchange's length byte
                 stop = pos + p[pos - 1]
@@ -616,7 +737,7 @@ class AmqpDecoder:
         msg = (chan.pub if st.c2s else chan.inc) if chan is not None else None
         if msg is None or msg.got_header:
             raise _ProtoErr(f"content header on channel {ch} without a content method")
-        h = parse_content_header(p, start, end, props=not self.lean)
+        h = parse_content_header(p, start, end)
         if h.class_id != 60:
             raise _ProtoErr(f"content header for class {h.class_id}, expected Basic (60)")
         msg.got_header = True
@@ -703,8 +824,6 @@ class AmqpDecoder:
         traceparent = ids.format_traceparent(msg.trace_id, msg.span_id)
         msg.traceparent = traceparent
         msg.injected = True
-        if self.lean:
-            self.injected_now.append(msg.span_id)
         return inject_traceparent(p, start, end, h, traceparent)
 
     def _body_start(self, st: _Stream, ch: int, size: int) -> None:
@@ -753,9 +872,6 @@ class AmqpDecoder:
             self._finish(st.body_chan, chan, msg, now)
 
     def _finish(self, ch: int, chan: _Chan, msg: _Msg, now: int) -> None:
-        if self.lean:
-            chan.pub = None
-            return
         head = b"".join(msg.head) if msg.head else b""
         a = msg.args
         if msg.kind == "publish":

@@ -245,8 +245,13 @@ def find_traceparent(p: bytes, h: ContentHeader) -> str | None:
     return p[v + 4 : v_end].decode("latin-1")
 
 
+_ENTRY_55 = _NEEDLE + b"S" + _U32.pack(55)  # what precedes a version-00 traceparent
+
+
 def traceparent_entry(traceparent: str) -> bytes:
     value = traceparent.encode("ascii")
+    if len(value) == 55:
+        return _ENTRY_55 + value
     return _NEEDLE + b"S" + _U32.pack(len(value)) + value
 
 
@@ -258,7 +263,7 @@ def inject_traceparent(
     table (created if the message had none). Nothing else changes."""
     entry = traceparent_entry(traceparent)
     channel = _U16.unpack_from(frame, start - 6)[0]
-    if h.has_headers:
+    if h.flags & FLAG_HEADERS:
         hs, he = h.headers_start, h.headers_end
         (n,) = _U32.unpack_from(frame, hs)
         payload = b"".join(
@@ -282,7 +287,7 @@ def inject_traceparent(
 
 def injected_size(h: ContentHeader, payload_len: int) -> int:
     """The full frame size (header + payload + end byte) after injection."""
-    extra = 17 + 55 + (0 if h.has_headers else 4)
+    extra = 17 + 55 + (0 if h.flags & FLAG_HEADERS else 4)
     return 7 + payload_len + extra + 1
 
 

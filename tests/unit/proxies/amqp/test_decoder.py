@@ -243,3 +243,105 @@ def test_fuzz_mutated_sessions(seed: int, n: int, how: str) -> None:
         else:
             del buf[j:]
     _outcome([(d, bytes(b)) for d, b in chunks])
+
+
+# --- the relay side of decode = "capture": the lean tagger ---------------------------------
+
+
+def run_lean(chunks: Chunks) -> tuple[bytes, list[str]]:
+    """The client stream through the lean tagger: (bytes forwarded, span ids it injected)."""
+    counter = itertools.count(1)
+    dec = AmqpDecoder(
+        7,
+        lambda ev: None,
+        inject=True,
+        lean=True,
+        new_span_id=lambda: f"{next(counter):016x}",
+        new_trace_id=lambda: f"{next(counter):032x}",
+        emit_fields=lambda cls, values: None,
+    )
+    out: list[bytes] = []
+    injected: list[str] = []
+    for direction, data in chunks:
+        if direction == 0:
+            out.append(dec.feed_client(data))
+            injected.extend(dec.take_injected() or [])
+    out.append(dec.flush_client())
+    assert not dec.passthrough
+    return b"".join(out), injected
+
+
+@pytest.mark.parametrize("name,chunks", [("pika", PIKA), ("aio_pika_rpc", RPC)])
+def test_lean_tagger_tags_like_the_decoder(name: str, chunks: Chunks) -> None:
+    whole = merged(chunks)
+    out, injected = run_lean(whole)
+    # the same frames as the full decoder's injection, each publish without a
+    # traceparent gaining exactly one (ids differ: the full decoder also draws ids
+    # for deliveries)
+    full_events, full_out = run(whole)
+    a, b = _frames(full_out), _frames(out)
+    assert [(ch, f.name) for ch, f in a] == [(ch, f.name) for ch, f in b]
+    for (_, f1), (_, f2) in zip(a, b, strict=True):
+        if f1.name == "ContentHeader":
+            h1 = dict(f1.properties.headers or {})
+            h2 = dict(f2.properties.headers or {})
+            assert h1.keys() == h2.keys()
+            h1.pop("traceparent", None)
+            h2.pop("traceparent", None)
+            assert h1 == h2
+    n_injected = sum(1 for e in full_events if isinstance(e, AmqpPublish) and e.injected)
+    assert len(injected) == n_injected > 0
+    # split anywhere, or one byte at a time: the same bytes, the same tags
+    assert run_lean(bytewise(chunks)) == (out, injected)
+    for k in range(1, len(stream(whole, 0))):
+        assert run_lean(split_at(whole, 0, k)) == (out, injected), k
+    # the capture process, fed that output and the injected ids, knows its own tags
+    events: list[Any] = []
+    cap = AmqpDecoder(7, events.append, inject=False)
+    cap.sniff_injected.update(injected)
+    cap.feed_client(out)
+    for d, data in whole:
+        if d == 1:
+            cap.feed_server(data)
+    pubs = [e for e in events if isinstance(e, AmqpPublish)]
+    assert [p.span_id for p in pubs if p.injected] == injected
+    assert not any(isinstance(e, ProtocolError) for e in events)
+
+
+def test_lean_tagger_respects_frame_max() -> None:
+    dec = AmqpDecoder(1, lambda ev: None, inject=True, lean=True, emit_fields=lambda c, v: None)
+    out = []
+    for d, data in merged(PIKA):
+        if d == 0:
+            out.append(dec.feed_client(data))
+            if dec.frame_max:
+                dec.frame_max = 150  # the 1 KiB message's header cannot grow by 72 bytes
+    frames = _frames(b"".join(out))
+    headers = [f for _, f in frames if f.name == "ContentHeader"]
+    big = headers[1]
+    assert "traceparent" not in (big.properties.headers or {})
+
+
+def test_lean_tagger_passes_garbage_through() -> None:
+    dec = AmqpDecoder(1, lambda ev: None, inject=True, lean=True, emit_fields=lambda c, v: None)
+    data = b"AMQP\x00\x00\x09\x01" + b"\x09\x00\x00\x00\x00\x00\x00\xce" + b"rest"
+    assert dec.feed_client(data) == data
+    assert dec.passthrough
+    assert dec.feed_client(b"more") == b"more"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2**32), st.integers(1, 8), st.integers(1, 64))
+def test_fuzz_lean_tagger(seed: int, n: int, chunk: int) -> None:
+    """Corrupted client streams, in chunks of any size: the tagger never raises and
+    changes nothing but the tags it adds (72 bytes each, 76 with a new table)."""
+    rnd = random.Random(seed)
+    data = bytearray(stream(RPC, 0))
+    for _ in range(n):
+        j = rnd.randrange(len(data))
+        data[j] ^= 1 << rnd.randrange(8)
+    chunks = [(0, bytes(data[i : i + chunk])) for i in range(0, len(data), chunk)]
+    dec = AmqpDecoder(1, lambda ev: None, inject=True, lean=True, emit_fields=lambda c, v: None)
+    out = b"".join(dec.feed_client(c) for _, c in chunks) + dec.flush_client()
+    k = len(dec.take_injected() or [])
+    assert 72 * k <= len(out) - len(data) <= 76 * k
