@@ -473,9 +473,9 @@ class AmqpDecoder:
                         self._generic_method(st, ch, data, pos + 7, end - 1, idx, 0)
                         limit = self._frame_limit
                 elif ftype == 2:
-                    chan = chans.get(ch)
-                    if chan is not None and chan.pub is not None:
-                        chan.pub = None  # the content header: tag it, the body follows
+                    pending = chans.get(ch)
+                    if pending is not None and pending.pub is not None:
+                        pending.pub = None  # the content header: tag it, the body follows
                         new = self._lean_tag(data, pos + 7, end - 1)
                         if new is not None:
                             if parts is None:
