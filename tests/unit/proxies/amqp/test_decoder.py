@@ -345,3 +345,23 @@ def test_fuzz_lean_tagger(seed: int, n: int, chunk: int) -> None:
     out = b"".join(dec.feed_client(c) for _, c in chunks) + dec.flush_client()
     k = len(dec.take_injected() or [])
     assert 72 * k <= len(out) - len(data) <= 76 * k
+
+
+def test_a_bad_content_header_is_reported_at_its_own_offset() -> None:
+    """A message decoded whole (all its frames in one chunk) and one decoded frame by
+    frame report a bad content header at the same stream offset: the header's."""
+    data = bytearray(stream(PIKA, 0))
+    frames = []
+    pos = 8  # after the protocol header
+    while pos < len(data):
+        size = int.from_bytes(data[pos + 3 : pos + 7], "big")
+        frames.append((data[pos], pos))
+        pos += 8 + size
+    header_at = next(p for t, p in frames if t == 2)
+    data[header_at + 7 : header_at + 9] = (61).to_bytes(2, "big")  # class 61, not Basic
+    for chunks in ([(0, bytes(data))], bytewise([(0, bytes(data))])):
+        events, out = run(chunks, inject=False)
+        errors = [e for e in events if isinstance(e, ProtocolError)]
+        assert len(errors) == 1 and "class 61" in errors[0].reason
+        assert errors[0].offset == header_at
+        assert out == bytes(data)
