@@ -424,11 +424,15 @@ def _bounded_put(cache: dict[Any, Any], limit: int, key: Any, value: Any) -> Non
     cache[key] = value
 
 
-def analyze_normalize(sql: str, dialect: str | None = None) -> tuple[StatementInfo, str]:
-    """(analysis, normalised text) in one pass: what ``SqlStatement.prepare`` needs."""
+def analyze_normalize(
+    sql: str, dialect: str | None = None, exact: bool = True
+) -> tuple[StatementInfo, str]:
+    """(analysis, normalised text) in one pass: what ``SqlStatement.prepare`` needs.
+    ``exact=False``: skip the exact-text cache (the caller keeps its own)."""
     d = _dialect(dialect)
     key = (d, sql)
-    if len(sql) <= _EXACT_MAX_LEN:
+    exact = exact and len(sql) <= _EXACT_MAX_LEN
+    if exact:
         hit = _exact.get(key)
         if hit is not None:
             stats["exact_hits"] += 1
@@ -454,7 +458,7 @@ def analyze_normalize(sql: str, dialect: str | None = None) -> tuple[StatementIn
             stats["shape_hits"] += 1
             info = info_or_none
     out = (info, norm)
-    if len(sql) <= _EXACT_MAX_LEN:
+    if exact:
         _bounded_put(_exact, EXACT_MAX, key, out)
     return out
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, ClassVar
 
+from correlate import shared_ids
+from proxies.sql.analysis import analyze_normalize, find_traceparent, split_statements
 from sniff.events import Event, event
 
 
@@ -68,7 +70,7 @@ class SqlStatement(Event):
             return  # prepared already (idempotent)
         text = self.text
         if self.batch is not None and (self.batch_size or 0) > 1:
-            parts = _split(text, self.dialect)
+            parts = split_statements(text, self.dialect)
             if parts:
                 text = parts[_batch_index(parts, self.batch, self.batch_size or 1)]
         info, normalized, ids, tp = _text_facts(text, self.dialect)
@@ -76,7 +78,7 @@ class SqlStatement(Event):
             self.traceparent = tp
         if self.id_scan:
             ids = dict(ids or {})
-            _shared_ids().from_text(self.id_scan, ids, "sql.param")
+            shared_ids.from_text(self.id_scan, ids, "sql.param")
             self.id_scan = None  # literal values are never stored
         if ids:
             self.ids = dict(ids)
@@ -99,29 +101,15 @@ _FACTS_MAX_LEN = 1_024
 _facts: dict[tuple[str, str, int], tuple[Any, str, dict[str, str] | None, str | None]] = {}
 
 
-def _shared_ids() -> Any:
-    from correlate import shared_ids
-
-    return shared_ids
-
-
-def _split(text: str, dialect: str) -> tuple[str, ...]:
-    from proxies.sql.analysis import split_statements
-
-    return split_statements(text, dialect)
-
-
 def _text_facts(text: str, dialect: str) -> tuple[Any, str, dict[str, str] | None, str | None]:
-    sids = _shared_ids()
+    sids = shared_ids
     key = (dialect, text, id(sids.settings))  # new id settings (configure()) start afresh
     hit = _facts.get(key)
     if hit is not None:
         return hit
-    from proxies.sql.analysis import analyze_normalize, find_traceparent
-
     ids: dict[str, str] = {}
     sids.from_text(text, ids, "sql")
-    info, normalized = analyze_normalize(text, dialect)
+    info, normalized = analyze_normalize(text, dialect, exact=False)  # _facts is the exact cache
     out = (info, normalized, ids or None, find_traceparent(text))
     if len(text) <= _FACTS_MAX_LEN:
         if len(_facts) >= _FACTS_MAX:
