@@ -216,6 +216,7 @@ def encode_chunk(batch: list[Event]) -> tuple[str, int, int]:
 
 
 _ev_ts: Callable[[Event], int] = operator.attrgetter("ts")  # a C key for sorts and bisects
+_kind_conn: Callable[[Event], tuple[str, int]] = operator.attrgetter("kind", "conn")
 
 
 def _item_ts(item: Any) -> int:
@@ -399,7 +400,7 @@ class Recorder:
 
     def _write(self, batch: list[Event]) -> None:
         data, ts_min, ts_max = encode_chunk(batch)
-        counts = Counter((ev.kind, ev.conn) for ev in batch)
+        counts = Counter(map(_kind_conn, batch))
         with self._db:
             if any(k not in self._fields for k, _ in counts):
                 # a kind new to this file: record its field names, show it in the view
