@@ -14,6 +14,10 @@ Scenarios, each against RabbitMQ on 127.0.0.1:5672 through all three paths:
   the reply that an echo server (another process, same path) publishes to its
   reply_to; median and p99 over sequential calls.
 
+For the publish scenario it also prints the CPU each process spent per message
+(plain relay; sniff's relay and capture processes; the broker), read from
+/proc: steadier than the throughput ratio on a shared machine.
+
 Before each scenario the driver waits until sniff's processes, the plain relay
 and the broker are idle, so no scenario is measured while the capture process
 (or the broker) still works off the previous one's burst.
@@ -135,7 +139,7 @@ def bench_publish_pika(port: int, procs: int, per_proc: int, size: int) -> float
     for w in workers:
         w.join()
     _delete(queue)
-    return procs * per_proc / (max(ends) - t0)
+    return float(procs * per_proc / (max(ends) - t0))
 
 
 def _aio_confirms(port: int, n: int, size: int, window: int, out: Any) -> None:
@@ -350,6 +354,15 @@ def main() -> int:
     paths = {"direct": BROKER, "plain relay": plain_port, "sniff": sniff.port}
     results: dict[str, dict[str, Any]] = {k: {} for k in paths}
     quiet = [sniff.p.pid, *_children(sniff.p.pid), plain.pid, *_broker_pids()]
+    # CPU per published message, per process: steadier than throughput on a shared machine
+    cpu_of = {
+        "plain relay": [plain.pid],
+        "sniff relay": [sniff.p.pid],
+        "sniff capture": _children(sniff.p.pid),
+        "broker": _broker_pids(),
+    }
+    cpu: dict[tuple[str, str], list[float]] = {}
+    hz = os.sysconf("SC_CLK_TCK")
     waited = 0.0
     try:
         for round_ in range(args.rounds):
@@ -358,8 +371,14 @@ def main() -> int:
                 print(f"round {round_ + 1}: {name} ...", flush=True)
                 if "pub" in only:
                     waited += settle(quiet)
+                    before = {k: _cpu_ticks(v) for k, v in cpu_of.items()}
                     rate = bench_publish_pika(port, 4, per_proc, 256)
                     r["pub"] = max(r.get("pub", 0.0), rate)
+                    n_msgs = 4 * per_proc
+                    for k, v in cpu_of.items():  # CPU per message of this path's processes
+                        if k == "broker" or k.startswith(name):
+                            used = (_cpu_ticks(v) - before[k]) / hz / n_msgs
+                            cpu.setdefault((name, k), []).append(used)
                 if "aio" in only:
                     waited += settle(quiet)
                     r["aio"] = max(r.get("aio", 0.0), bench_publish_aio(port, aio_n, 256))
@@ -416,6 +435,14 @@ def main() -> int:
             f"publish throughput sniff/plain relay: {s['pub'] / p['pub']:.2f}x (bar >= 0.9x); "
             f"sniff/direct: {s['pub'] / d['pub']:.2f}x"
         )
+        print("CPU per published message (us, median of rounds; /proc utime+stime):")
+        for path in paths:
+            parts = [
+                f"{k} {statistics.median(v) * 1e6:.1f}"
+                for (pth, k), v in sorted(cpu.items())
+                if pth == path
+            ]
+            print(f"  {path:12} " + ", ".join(parts))
     print(f"sniff captured {events:,} events, {dropped} dropped")
     print(f"waited {waited:.1f} s in all for the machine to go quiet between scenarios")
     if err.strip():
