@@ -223,6 +223,15 @@ def _shortstr(p: bytes, pos: int, end: int) -> tuple[str, int]:
     return p[pos + 1 : stop].decode("utf-8", "replace"), stop
 
 
+def _spliced(data: bytes, parts: list[bytes] | None, last: int, end: int) -> bytes:
+    """``data[:end]`` with rewritten frames: ``parts`` holds everything before ``last``
+    (the original bytes between rewrites, and the rewritten frames); None: no rewrite."""
+    if parts is None:
+        return data if end == len(data) else data[:end]
+    parts.append(data[last:end])
+    return b"".join(parts)
+
+
 class AmqpDecoder:
     def __init__(
         self,
@@ -381,21 +390,11 @@ class AmqpDecoder:
                 pos = end
         except (_ProtoErr, HeaderError, IndexError, struct.error, UnicodeDecodeError) as e:
             self._fail(st, data, pos, f"{e}")
-            if not rewrite:
-                return chunk
-            if parts is None:
-                return data[last:] if last else data
-            parts.append(data[last:])
-            return b"".join(parts)
+            return _spliced(data, parts, last, n) if rewrite else chunk
         if pos < n:
             st.buf = data[pos:]
         st.offset += pos
-        if not rewrite:
-            return chunk
-        if parts is None:
-            return data if pos == n else data[:pos]
-        parts.append(data[last:pos])
-        return b"".join(parts)
+        return _spliced(data, parts, last, pos) if rewrite else chunk
 
     def _feed_lean(self, data: bytes) -> bytes:
         """The relay side of ``decode = "capture"`` with injection: the client stream
@@ -488,17 +487,11 @@ class AmqpDecoder:
                 pos = end
         except (_ProtoErr, HeaderError, IndexError, struct.error, UnicodeDecodeError) as e:
             self._fail(st, data, pos, f"{e}")
-            if parts is None:
-                return data[last:] if last else data
-            parts.append(data[last:])
-            return b"".join(parts)
+            return _spliced(data, parts, last, n)
         if pos < n:
             st.buf = data[pos:]
         st.offset += pos
-        if parts is None:
-            return data if pos == n else data[:pos]
-        parts.append(data[last:pos])
-        return b"".join(parts)
+        return _spliced(data, parts, last, pos)
 
     def _lean_tag(self, p: bytes, start: int, end: int) -> bytes | None:
         """The content header ``p[start:end]`` of a publish with a fresh traceparent
