@@ -36,9 +36,9 @@ def create_listener(cfg: ProxyConfig, sink: EventSink) -> Listener:
     from proxies.amqp.handler import AmqpCaptureHandler, AmqpHandler
 
     body_head = int(cfg.options["body_scan_bytes"])
+    shared = AmqpShared()  # one proxy's connections: RPC requests awaiting replies
     if cfg.options.get("decode", "capture") == "capture" and hasattr(sink, "emit_raw"):
-        return RelayListener(cfg, sink, lambda ctx: AmqpCaptureHandler(ctx, body_head))
-    shared = AmqpShared()
+        return RelayListener(cfg, sink, lambda ctx: AmqpCaptureHandler(ctx, body_head, shared))
     keep = bool(cfg.options["capture_body"])
     return RelayListener(cfg, sink, lambda ctx: AmqpHandler(ctx, shared, body_head, keep))
 

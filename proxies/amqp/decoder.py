@@ -165,6 +165,10 @@ class _Msg:
         self.note: str | None = None
 
 
+# property-flag bits, in the first byte of the flag word: correlation_id (bit 10) and
+# reply_to (bit 9) of the 16-bit word are bits 2 and 1 of its high byte
+_FLAG_CORRELATION_ID_HI = 1 << 2
+_FLAG_RPC_HI = 1 << 2 | 1 << 1
 # the methods the relay side of decode = "capture" decodes (frame_max, channel reuse)
 _LEAN_METHODS = frozenset((CONNECTION_TUNE_OK, CHANNEL_OPEN, CHANNEL_CLOSE_OK))
 # the relay side's mark for "a publish awaits its content header" (see _feed_lean)
@@ -172,7 +176,7 @@ _LEAN_MSG = _Msg("publish", 0, "", "", {})
 
 
 class _Chan:
-    __slots__ = ("confirm", "consumes", "gets", "inc", "pub", "seq", "tx")
+    __slots__ = ("confirm", "consumes", "gets", "inc", "lean_rk", "pub", "seq", "tx")
 
     def __init__(self) -> None:
         self.confirm = False
@@ -182,6 +186,7 @@ class _Chan:
         self.inc: _Msg | None = None  # server -> client content in progress
         self.gets: deque[tuple[str, bool]] = deque()  # pending Basic.Get (queue, no_ack)
         self.consumes: deque[tuple[str, str, bool]] = deque()  # pending Basic.Consume
+        self.lean_rk: str | None = None  # relay side: a publish's default-exchange routing key
 
 
 class AmqpShared:
@@ -261,8 +266,14 @@ class AmqpDecoder:
         # lean: the proxy side of decode = "capture": only the client stream, only
         # what injection needs, no events (the capture process decodes a copy)
         self.lean = lean
-        self.injected_now: list[str] = []  # span ids injected since take_injected()
-        self.sniff_injected: set[str] = set()  # capture side: span ids the proxy injected
+        # relay side: span ids injected since take_injected(), (span id, parent span id)
+        # for an RPC reply; (trace id, span id) given to RPC requests since take_assigned()
+        self.injected_now: list[str | tuple[str, str]] = []
+        self.assigned_now: list[tuple[str, str]] = []
+        # capture side: span id the proxy injected -> the RPC request span it answers
+        self.sniff_injected: dict[str, str | None] = {}
+        # capture side: ids the proxy gave delivered RPC requests, in stream order
+        self.relay_assigned: deque[tuple[str, str]] = deque()
         self._head_max = 0 if lean else body_head
         self._keep_body = keep_body
         self._shared = shared if shared is not None else AmqpShared()
@@ -286,8 +297,16 @@ class AmqpDecoder:
                 data, self.c.buf = self.c.buf + data, b""
             return data
         if self.lean:
-            return self._feed_lean(data)
+            return self._feed_lean(self.c, data)
         return self._feed(self.c, data, self.inject)
+
+    def scan_server(self, data: bytes) -> None:
+        """The relay side of ``decode = "capture"``: note, from broker bytes already
+        forwarded, each delivered request that awaits an RPC reply (reply_to and
+        correlation_id), so the reply's tag can continue its trace
+        (:meth:`take_assigned` gives the ids chosen, shipped with the chunk)."""
+        if not self.passthrough:
+            self._feed_lean(self.s, data)
 
     def feed_server(self, data: bytes) -> None:
         """Decode broker bytes (already forwarded to the client)."""
@@ -396,12 +415,13 @@ class AmqpDecoder:
         st.offset += pos
         return _spliced(data, parts, last, pos) if rewrite else chunk
 
-    def _feed_lean(self, data: bytes) -> bytes:
+    def _feed_lean(self, st: _Stream, data: bytes) -> bytes:
         """The relay side of ``decode = "capture"`` with injection: the client stream
-        framed just enough to tag each publish's content header, everything else
-        forwarded as it came (the capture process decodes and checks a copy).
-        Returns the bytes to forward now; a partial non-body frame is held back."""
-        st = self.c
+        framed just enough to tag each publish's content header, the broker's just
+        enough to note RPC requests, everything else forwarded as it came (the
+        capture process decodes and checks a copy). Returns the client bytes to
+        forward now (a partial non-body frame is held back)."""
+        c2s = st.c2s
         if st.buf:
             data = st.buf + data
             st.buf = b""
@@ -461,21 +481,36 @@ class AmqpDecoder:
                         | data[pos + 9] << 8
                         | data[pos + 10]
                     )
-                    if idx == BASIC_PUBLISH:
+                    if not c2s:
+                        if idx in (BASIC_DELIVER, BASIC_GET_OK):
+                            (chans.get(ch) or self._chan(ch)).inc = _LEAN_MSG
+                    elif idx == BASIC_PUBLISH:
                         chan = chans.get(ch) or self._chan(ch)
                         if chan.pub is not None:
                             raise _ProtoErr(
                                 f"Basic.Publish on channel {ch} before the previous content ended"
                             )
                         chan.pub = _LEAN_MSG
+                        # to the default exchange, while RPC requests await replies: the
+                        # routing key may name one's reply_to
+                        chan.lean_rk = None
+                        if self._shared.rpc and size >= 7 and data[pos + 13] == 0:
+                            stop = pos + 15 + data[pos + 14]
+                            chan.lean_rk = data[pos + 15 : stop].decode("utf-8", "replace")
                     elif idx in _LEAN_METHODS:
                         self._generic_method(st, ch, data, pos + 7, end - 1, idx, 0)
                         limit = self._frame_limit
                 elif ftype == 2:
                     pending = chans.get(ch)
-                    if pending is not None and pending.pub is not None:
+                    if pending is None:
+                        pass
+                    elif not c2s:
+                        if pending.inc is not None:
+                            pending.inc = None
+                            self._lean_request(data, pos + 7, end - 1)
+                    elif pending.pub is not None:
                         pending.pub = None  # the content header: tag it, the body follows
-                        new = self._lean_tag(data, pos + 7, end - 1)
+                        new = self._lean_tag(data, pos + 7, end - 1, pending.lean_rk)
                         if new is not None:
                             if parts is None:
                                 parts = []
@@ -493,10 +528,13 @@ class AmqpDecoder:
         st.offset += pos
         return _spliced(data, parts, last, pos)
 
-    def _lean_tag(self, p: bytes, start: int, end: int) -> bytes | None:
+    def _lean_tag(self, p: bytes, start: int, end: int, rk: str | None) -> bytes | None:
         """The content header ``p[start:end]`` of a publish with a fresh traceparent
-        added, or None to forward it unchanged (it has one, or would outgrow frame_max)."""
-        h = parse_content_header(p, start, end, props=False)
+        added, or None to forward it unchanged (it has one, or would outgrow frame_max).
+        A reply to a delivered RPC request (``rk``, the routing key to the default
+        exchange, is the request's reply_to; same correlation_id) continues its trace."""
+        reply = rk is not None and p[start + 12] & _FLAG_CORRELATION_ID_HI
+        h = parse_content_header(p, start, end, props=bool(reply))
         if h.class_id != 60:
             raise _ProtoErr(f"content header for class {h.class_id}, expected Basic (60)")
         if find_traceparent(p, h) is not None:
@@ -504,10 +542,43 @@ class AmqpDecoder:
         if self.frame_max and injected_size(h, end - start) > self.frame_max:
             return None  # the capture process records why, from its own copy
         span_id = self._span_id()
-        self.injected_now.append(span_id)
-        return inject_traceparent(
-            p, start, end, h, ids.format_traceparent(self._trace_id(), span_id)
-        )
+        request = None
+        if reply:
+            corr = h.props.get("correlation_id")
+            if corr:
+                request = self._shared.take(rk, corr, self._clock())  # type: ignore[arg-type]
+        if request is None:
+            self.injected_now.append(span_id)
+            trace_id = self._trace_id()
+        else:
+            trace_id = request[0]
+            self.injected_now.append((span_id, request[1]))
+        return inject_traceparent(p, start, end, h, ids.format_traceparent(trace_id, span_id))
+
+    def _lean_request(self, p: bytes, start: int, end: int) -> None:
+        """A delivered message's content header: when it asks for an RPC reply
+        (reply_to and correlation_id), choose its consumer span's ids here, remember
+        them for the reply, and ship them so the capture process uses the same."""
+        if p[start + 12] & _FLAG_RPC_HI != _FLAG_RPC_HI:
+            return  # not both reply_to and correlation_id: nothing to remember
+        h = parse_content_header(p, start, end)
+        reply_to = h.props.get("reply_to")
+        corr = h.props.get("correlation_id")
+        if h.class_id != 60 or not reply_to or not corr:
+            return
+        parsed = ids.parse_traceparent(find_traceparent(p, h))
+        trace_id = parsed[0] if parsed else self._trace_id()
+        span_id = self._span_id()
+        self._shared.remember(reply_to, corr, trace_id, span_id, self._clock())
+        self.assigned_now.append((trace_id, span_id))
+
+    def take_assigned(self) -> list[tuple[str, str]] | None:
+        """The (trace id, span id) given to delivered RPC requests since the last call."""
+        got = self.assigned_now
+        if not got:
+            return None
+        self.assigned_now = []
+        return got
 
     def _protocol_header(self, st: _Stream, data: bytes) -> int:
         """Check the client's opening protocol header: the position after it, or -1
@@ -745,19 +816,23 @@ class AmqpDecoder:
             assert chan is not None
             new = self._publish_header(chan, msg, p, start, end, h, tp, rewrite, now)
         else:
-            parsed = ids.parse_traceparent(tp)
-            msg.trace_id = parsed[0] if parsed else self._trace_id()
-            msg.span_id = self._span_id()
-            if msg.kind != "return":
-                reply_to = h.props.get("reply_to")
-                corr = h.props.get("correlation_id")
-                if reply_to and corr:
-                    self._shared.remember(reply_to, corr, msg.trace_id, msg.span_id, now)
+            reply_to = h.props.get("reply_to")
+            corr = h.props.get("correlation_id")
+            if reply_to and corr and msg.kind != "return" and self.relay_assigned:
+                # decode = "capture": the proxy chose this RPC request's ids (and tagged
+                # its reply with them); the same rule picks the same deliveries here
+                msg.trace_id, msg.span_id = self.relay_assigned.popleft()
+            else:
+                parsed = ids.parse_traceparent(tp)
+                msg.trace_id = parsed[0] if parsed else self._trace_id()
+                msg.span_id = self._span_id()
+            if reply_to and corr and msg.kind != "return":
+                self._shared.remember(reply_to, corr, msg.trace_id, msg.span_id, now)
         if h.body_size == 0:
             self._finish(ch, chan, msg, now)  # type: ignore[arg-type]
         return new
 
-    def take_injected(self) -> list[str] | None:
+    def take_injected(self) -> list[str | tuple[str, str]] | None:
         """The span ids injected since the last call (shipped with the chunk)."""
         got = self.injected_now
         if not got:
@@ -783,8 +858,11 @@ class AmqpDecoder:
             own = tp[36:52] if len(tp) == ids.TRACEPARENT_LEN else ""
             if own in self.sniff_injected:
                 # the proxy injected this one (decode = "capture"): it is our own span
-                self.sniff_injected.discard(own)
+                request = self.sniff_injected.pop(own)
                 msg.trace_id, msg.span_id = tp[3:35], own
+                if request is not None:  # an RPC reply, tagged in its request's trace
+                    msg.parent = request
+                    msg.args["rpc_reply_to"] = request
                 msg.injected = True
                 return None
         msg.span_id = self._span_id()

@@ -7,6 +7,8 @@ directions are observed after forwarding.
 
 from __future__ import annotations
 
+from typing import Any
+
 from proxies.amqp.decoder import AmqpDecoder, AmqpShared
 from sniff.relay import ConnContext, Handler
 
@@ -46,19 +48,18 @@ def _nothing(*_: object) -> None:
 class AmqpCaptureHandler(Handler):
     """``decode = "capture"``: the event loop only tags publishes (when ``inject``)
     and ships a copy of both streams; :class:`AmqpRawDecoder` decodes them in the
-    capture process. Live RPC continuation (a reply tagged with its request's
-    trace) needs deliveries decoded in-line, so here replies get their own trace on
-    the wire and the correlator joins them to their request from reply_to and
-    correlation_id."""
+    capture process. To tag an RPC reply with its request's trace, the broker's
+    stream is scanned for delivered requests (reply_to and correlation_id): the
+    ids chosen for them here go with the chunk, and the capture process uses them."""
 
     observe = True
 
-    def __init__(self, ctx: ConnContext, body_head: int) -> None:
+    def __init__(self, ctx: ConnContext, body_head: int, shared: AmqpShared | None = None) -> None:
         super().__init__(ctx)
         self.rewrite_c2s = ctx.proxy.inject
         self.injector = (
             AmqpDecoder(ctx.conn_id, _nothing, inject=True, emit_fields=_nothing, lean=True,
-                        release=self._release)
+                        release=self._release, shared=shared)
             if ctx.proxy.inject else None
         )  # fmt: skip
 
@@ -77,7 +78,12 @@ class AmqpCaptureHandler(Handler):
         return out
 
     def s2c(self, data: bytes) -> bytes:
-        self.ctx.ship(1, data)
+        inj = self.injector
+        if inj is None:
+            self.ctx.ship(1, data)
+            return data
+        inj.scan_server(data)
+        self.ctx.ship(1, data, inj.take_assigned())
         return data
 
     def flush_c2s(self) -> bytes:
@@ -93,13 +99,21 @@ class AmqpRawDecoder:
     def __init__(self, decoder: AmqpDecoder) -> None:
         self.d = decoder
 
-    def feed(self, direction: int, data: bytes, meta: object) -> None:
+    def feed(self, direction: int, data: bytes, meta: Any) -> None:
+        d = self.d
         if direction == 0:
-            if meta:
-                self.d.sniff_injected.update(meta)  # type: ignore[arg-type]
-            self.d.feed_client(data)
+            if meta:  # span ids the proxy injected; (span id, request span id) for replies
+                own = d.sniff_injected
+                for it in meta:
+                    if it.__class__ is str:
+                        own[it] = None
+                    else:
+                        own[it[0]] = it[1]
+            d.feed_client(data)
         else:
-            self.d.feed_server(data)
+            if meta:  # (trace id, span id) the proxy gave delivered RPC requests
+                d.relay_assigned.extend(meta)
+            d.feed_server(data)
 
     def closed(self, reason: str) -> None:
         """Nothing held: the correlator ends in-flight deliveries at the ConnClose."""

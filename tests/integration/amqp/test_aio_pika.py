@@ -24,8 +24,10 @@ async def test_rpc_reply_is_linked_to_its_request(sniff_amqp: Any) -> None:
     client_conn = await connect(port, "rpc-client")
     s_ch = await server_conn.channel()
     queue = await s_ch.declare_queue(rpc_q, auto_delete=True)
+    request_tp: dict[str, str] = {}  # the traceparent each request reached the server with
 
     async def serve(msg: aio_pika.abc.AbstractIncomingMessage) -> None:
+        request_tp[msg.correlation_id or ""] = str(msg.headers.get("traceparent"))
         async with msg.process():
             await s_ch.default_exchange.publish(
                 aio_pika.Message(b"re:" + msg.body, correlation_id=msg.correlation_id),
@@ -80,6 +82,11 @@ async def test_rpc_reply_is_linked_to_its_request(sniff_amqp: Any) -> None:
             request.trace_id
         }
         assert by_id[got.parent_id] is reply
+        # on the wire too (what another sniff process would see): the reply's tag
+        # continues the request's trace, from sniff's span for the reply
+        reply_tp = str(r.headers.get("traceparent"))
+        assert reply_tp.split("-")[1] == request_tp[corr].split("-")[1]
+        assert reply_tp.split("-")[2] == reply.span_id
 
 
 async def test_confirms_and_concurrent_publishers(sniff_amqp: Any) -> None:

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pamqp import frame as pamqp_frame
 
-from proxies.amqp.decoder import AmqpDecoder
+from proxies.amqp.decoder import AmqpDecoder, AmqpShared
 from proxies.amqp.events import (
     AmqpConfirm,
     AmqpDeliver,
@@ -23,6 +23,7 @@ from proxies.amqp.events import (
     AmqpPublish,
     AmqpSettle,
 )
+from proxies.amqp.handler import AmqpRawDecoder
 from sniff.events import ConnIdentity, ProtocolError, dumps
 from tests.fixtures.amqp.record import load
 
@@ -297,12 +298,11 @@ def test_lean_tagger_tags_like_the_decoder(name: str, chunks: Chunks) -> None:
         assert run_lean(split_at(whole, 0, k)) == (out, injected), k
     # the capture process, fed that output and the injected ids, knows its own tags
     events: list[Any] = []
-    cap = AmqpDecoder(7, events.append, inject=False)
-    cap.sniff_injected.update(injected)
-    cap.feed_client(out)
+    cap = AmqpRawDecoder(AmqpDecoder(7, events.append, inject=False))
+    cap.feed(0, out, injected)
     for d, data in whole:
         if d == 1:
-            cap.feed_server(data)
+            cap.feed(1, data, None)
     pubs = [e for e in events if isinstance(e, AmqpPublish)]
     assert [p.span_id for p in pubs if p.injected] == injected
     assert not any(isinstance(e, ProtocolError) for e in events)
@@ -365,3 +365,84 @@ def test_a_bad_content_header_is_reported_at_its_own_offset() -> None:
         assert len(errors) == 1 and "class 61" in errors[0].reason
         assert errors[0].offset == header_at
         assert out == bytes(data)
+
+
+def relay_then_capture(chunks: Chunks) -> tuple[list[Any], bytes]:
+    """decode = "capture" end to end: the relay's lean tagger and broker scan, then the
+    capture process's decoder fed what the relay forwarded and shipped with it."""
+    counter = itertools.count(1)
+    relay = AmqpDecoder(
+        7,
+        lambda ev: None,
+        inject=True,
+        lean=True,
+        shared=AmqpShared(),
+        new_span_id=lambda: f"{next(counter):016x}",
+        new_trace_id=lambda: f"{next(counter):032x}",
+        emit_fields=lambda cls, values: None,
+    )
+    events: list[Any] = []
+    ids = itertools.count(1 << 40)  # the capture side's own ids (other deliveries)
+    cap = AmqpRawDecoder(
+        AmqpDecoder(
+            7,
+            events.append,
+            inject=False,
+            clock=lambda: 1000,
+            new_span_id=lambda: f"{next(ids):016x}",
+            new_trace_id=lambda: f"{next(ids):032x}",
+        )
+    )
+    wire: list[bytes] = []
+    for direction, data in chunks:
+        if direction == 0:
+            out = relay.feed_client(data)
+            cap.feed(0, out, relay.take_injected())
+            wire.append(out)
+        else:
+            relay.scan_server(data)
+            cap.feed(1, data, relay.take_assigned())
+    return events, b"".join(wire)
+
+
+def test_capture_mode_tags_an_rpc_reply_with_its_request_trace() -> None:
+    events, wire = relay_then_capture(merged(RPC))
+    pubs = [e for e in events if isinstance(e, AmqpPublish)]
+    served = next(d for d in events if isinstance(d, AmqpDeliver) and d.properties.get("reply_to"))
+    request, reply = pubs
+    assert request.injected and reply.injected
+    assert reply.rpc_reply_to == served.span_id and reply.parent_span_id == served.span_id
+    assert reply.trace_id == served.trace_id
+    assert reply.traceparent == f"00-{served.trace_id}-{reply.span_id}-01"
+    assert reply.traceparent.encode() in wire  # what the broker got
+    assert not any(isinstance(e, ProtocolError) for e in events)
+    # however the streams are cut, the relay and the capture process agree
+    ref = fingerprint(events)
+    assert fingerprint(relay_then_capture(bytewise(RPC))[0]) == ref
+    for direction in (0, 1):
+        for k in range(1, len(stream(merged(RPC), direction)), 7):
+            assert fingerprint(relay_then_capture(split_at(merged(RPC), direction, k))[0]) == ref
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2**32), st.integers(1, 8), st.integers(1, 64))
+def test_fuzz_broker_scan(seed: int, n: int, chunk: int) -> None:
+    """Corrupted broker streams through the relay's scan: it never raises, and once it
+    gives up (passthrough) the client stream is forwarded untouched."""
+    rnd = random.Random(seed)
+    chunks = [(d, bytearray(data)) for d, data in merged(RPC)]
+    for _ in range(n):
+        d, buf = chunks[rnd.randrange(len(chunks))]
+        if d == 1 and buf:
+            buf[rnd.randrange(len(buf))] ^= 1 << rnd.randrange(8)
+    dec = AmqpDecoder(1, lambda ev: None, inject=True, lean=True, emit_fields=lambda c, v: None)
+    for d, data in chunks:
+        for i in range(0, len(data), chunk):
+            part = bytes(data[i : i + chunk])
+            if d == 0:
+                out = dec.feed_client(part)
+                if dec.passthrough:
+                    assert out.endswith(part)
+            else:
+                dec.scan_server(part)
+                assert all(len(a) == 2 for a in dec.take_assigned() or [])
