@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from operator import itemgetter
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import orjson
 
@@ -154,3 +154,15 @@ def scan(reader: CaptureReader, aggregators: Sequence[Aggregator]) -> None:
                 h = handlers[it[0]] = build(it[0])
             if h is not None:
                 h(it)
+
+
+_A = TypeVar("_A", bound=Aggregator)
+
+
+def fed(reader: CaptureReader, stats: _A | None, make: Callable[[], _A]) -> _A:
+    """``stats`` when ``sniff stats``' single pass fed it already, else a new one
+    (``make()``) fed by a scan of ``reader`` of its own."""
+    if stats is None:
+        stats = make()
+        scan(reader, [stats])
+    return stats

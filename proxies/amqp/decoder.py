@@ -228,6 +228,17 @@ def _shortstr(p: bytes, pos: int, end: int) -> tuple[str, int]:
     return p[pos + 1 : stop].decode("utf-8", "replace"), stop
 
 
+def _splice_in(
+    parts: list[bytes] | None, data: bytes, last: int, pos: int, new: bytes
+) -> list[bytes]:
+    """``parts`` (see :func:`_spliced`) with the frame at ``pos`` replaced by ``new``."""
+    if parts is None:
+        parts = []
+    parts.append(data[last:pos])
+    parts.append(new)
+    return parts
+
+
 def _spliced(data: bytes, parts: list[bytes] | None, last: int, end: int) -> bytes:
     """``data[:end]`` with rewritten frames: ``parts`` holds everything before ``last``
     (the original bytes between rewrites, and the rewritten frames); None: no rewrite."""
@@ -399,10 +410,7 @@ class AmqpDecoder:
                 elif ftype == 2:
                     new = self._header(st, ch, data, pos + 7, end - 1, rewrite, now)
                     if new is not None:
-                        if parts is None:
-                            parts = []
-                        parts.append(data[last:pos])
-                        parts.append(new)
+                        parts = _splice_in(parts, data, last, pos, new)
                         last = end
                 else:
                     self.heartbeats += 1
@@ -502,20 +510,14 @@ class AmqpDecoder:
                         limit = self._frame_limit
                 elif ftype == 2:
                     pending = chans.get(ch)
-                    if pending is None:
-                        pass
-                    elif not c2s:
-                        if pending.inc is not None:
-                            pending.inc = None
-                            self._lean_request(data, pos + 7, end - 1)
-                    elif pending.pub is not None:
+                    if pending is not None and not c2s and pending.inc is not None:
+                        pending.inc = None  # a delivered message's header: an RPC request?
+                        self._lean_request(data, pos + 7, end - 1)
+                    elif pending is not None and c2s and pending.pub is not None:
                         pending.pub = None  # the content header: tag it, the body follows
                         new = self._lean_tag(data, pos + 7, end - 1, pending.lean_rk)
                         if new is not None:
-                            if parts is None:
-                                parts = []
-                            parts.append(data[last:pos])
-                            parts.append(new)
+                            parts = _splice_in(parts, data, last, pos, new)
                             last = end
                 else:
                     self.heartbeats += 1
@@ -816,9 +818,10 @@ class AmqpDecoder:
             assert chan is not None
             new = self._publish_header(chan, msg, p, start, end, h, tp, rewrite, now)
         else:
-            reply_to = h.props.get("reply_to")
-            corr = h.props.get("correlation_id")
-            if reply_to and corr and msg.kind != "return" and self.relay_assigned:
+            reply_to: str = h.props.get("reply_to") or ""
+            corr: str = h.props.get("correlation_id") or ""
+            rpc_request = bool(reply_to and corr) and msg.kind != "return"
+            if rpc_request and self.relay_assigned:
                 # decode = "capture": the proxy chose this RPC request's ids (and tagged
                 # its reply with them); the same rule picks the same deliveries here
                 msg.trace_id, msg.span_id = self.relay_assigned.popleft()
@@ -826,7 +829,7 @@ class AmqpDecoder:
                 parsed = ids.parse_traceparent(tp)
                 msg.trace_id = parsed[0] if parsed else self._trace_id()
                 msg.span_id = self._span_id()
-            if reply_to and corr and msg.kind != "return":
+            if rpc_request:
                 self._shared.remember(reply_to, corr, msg.trace_id, msg.span_id, now)
         if h.body_size == 0:
             self._finish(ch, chan, msg, now)  # type: ignore[arg-type]

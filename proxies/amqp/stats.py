@@ -15,7 +15,7 @@ from typing import Any
 from rich.console import Group, RenderableType
 from rich.table import Table
 
-from sniff.statscan import Feed, group_order, scan, sql_key
+from sniff.statscan import Feed, fed, group_order, sql_key
 from sniff.store import CaptureReader
 
 
@@ -105,9 +105,7 @@ def section(
 ) -> RenderableType | None:
     """The section's tables; ``stats`` already fed (by ``sniff stats``' single pass),
     or the capture is read for it."""
-    if stats is None:
-        stats = Stats()
-        scan(reader, [stats])
+    stats = fed(reader, stats, Stats)
     pubs, ins, settles = stats.rows()
     if not pubs and not ins:
         return None

@@ -17,7 +17,7 @@ from rich.console import RenderableType
 from rich.table import Table
 
 from proxies.http.events import ROW_FIELDS
-from sniff.statscan import ABSENT, Feed, group_order, scan, sql_value
+from sniff.statscan import ABSENT, Feed, fed, group_order, sql_value
 from sniff.store import CaptureReader
 
 _ONE = (
@@ -111,9 +111,7 @@ def section(
 ) -> RenderableType | None:
     """The section's table; ``stats`` already fed (by ``sniff stats``' single pass),
     or the capture is read for it."""
-    if stats is None:
-        stats = Stats()
-        scan(reader, [stats])
+    stats = fed(reader, stats, Stats)
     rows = stats.rows()
     if not rows:
         return None

@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Group, RenderableType
 from rich.table import Table
 
-from sniff.statscan import ABSENT, Feed, group_order, scan, sql_key, sql_value
+from sniff.statscan import ABSENT, Feed, fed, group_order, sql_key, sql_value
 from sniff.store import CaptureReader
 
 _KINDS = ("mysql.query", "postgres.query")
@@ -152,9 +152,7 @@ def collect(
 ) -> dict[str, Any] | None:
     """The section's numbers as plain data (also what the tables show); ``stats``
     already fed (by ``sniff stats``' single pass), or the capture is read for it."""
-    if stats is None:
-        stats = Stats()
-        scan(reader, [stats])
+    stats = fed(reader, stats, Stats)
     ops, tables, errors, commands = stats.rows()
     if not ops:
         return None
