@@ -48,6 +48,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.capture_check import children, cpu_seconds, settle  # noqa: E402
 from bench.plain_relay import start_plain_relay  # noqa: E402
 from tests.helpers import free_port, wait_port  # noqa: E402
 
@@ -282,36 +283,6 @@ def bench_rpc(port: int, n: int) -> list[float]:
 # --- driver ------------------------------------------------------------------------------
 
 
-def _cpu_ticks(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-    return total
-
-
-def settle(pids: list[int], timeout: float = 60.0) -> float:
-    """Wait until ``pids`` are idle (under 5% of a core over 0.5 s): each scenario
-    starts from a quiet machine, not while sniff's capture process (or the broker)
-    is still working off the previous scenario's burst. Returns the seconds waited."""
-    t0 = time.monotonic()
-    hz = os.sysconf("SC_CLK_TCK")
-    while time.monotonic() - t0 < timeout:
-        a = _cpu_ticks(pids)
-        time.sleep(0.5)
-        if (_cpu_ticks(pids) - a) / hz < 0.025:
-            break
-    return time.monotonic() - t0
-
-
-def _children(pid: int) -> list[int]:
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(x) for x in f.read().split()]
-    return []
-
-
 def _broker_pids() -> list[int]:
     out = subprocess.run(["pgrep", "-f", "beam.smp"], capture_output=True, text=True).stdout
     return [int(x) for x in out.split()]
@@ -353,16 +324,15 @@ def main() -> int:
     wait_port(plain_port)
     paths = {"direct": BROKER, "plain relay": plain_port, "sniff": sniff.port}
     results: dict[str, dict[str, Any]] = {k: {} for k in paths}
-    quiet = [sniff.p.pid, *_children(sniff.p.pid), plain.pid, *_broker_pids()]
+    quiet = [sniff.p.pid, *children(sniff.p.pid), plain.pid, *_broker_pids()]
     # CPU per published message, per process: steadier than throughput on a shared machine
     cpu_of = {
         "plain relay": [plain.pid],
         "sniff relay": [sniff.p.pid],
-        "sniff capture": _children(sniff.p.pid),
+        "sniff capture": children(sniff.p.pid),
         "broker": _broker_pids(),
     }
     cpu: dict[tuple[str, str], list[float]] = {}
-    hz = os.sysconf("SC_CLK_TCK")
     waited = 0.0
     try:
         for round_ in range(args.rounds):
@@ -371,13 +341,13 @@ def main() -> int:
                 print(f"round {round_ + 1}: {name} ...", flush=True)
                 if "pub" in only:
                     waited += settle(quiet)
-                    before = {k: _cpu_ticks(v) for k, v in cpu_of.items()}
+                    before = {k: cpu_seconds(v) for k, v in cpu_of.items()}
                     rate = bench_publish_pika(port, 4, per_proc, 256)
                     r["pub"] = max(r.get("pub", 0.0), rate)
                     n_msgs = 4 * per_proc
                     for k, v in cpu_of.items():  # CPU per message of this path's processes
                         if k == "broker" or k.startswith(name):
-                            used = (_cpu_ticks(v) - before[k]) / hz / n_msgs
+                            used = (cpu_seconds(v) - before[k]) / n_msgs
                             cpu.setdefault((name, k), []).append(used)
                 if "aio" in only:
                     waited += settle(quiet)

@@ -50,6 +50,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.capture_check import CpuLedger, children  # noqa: E402
 from tests.helpers import free_port, to_toml, wait_port  # noqa: E402
 
 try:  # the shared baseline, when present
@@ -259,6 +260,11 @@ def main() -> int:
         )
         results: dict[tuple[str, int], dict[str, float]] = {}
         sent: dict[str, float] = dict.fromkeys(paths, 0.0)
+        groups = {"plain-relay": {"plain relay": [getattr(plain, "proc", plain).pid]}}
+        groups["sniff"] = {
+            "sniff relay": [fast.p.pid], "sniff capture": children(fast.p.pid)
+        }  # fmt: skip
+        ledger = CpuLedger()
         for c in conns:
             for name, port in paths.items():
                 # warm-up (connections, caches, CPU frequency)
@@ -269,8 +275,19 @@ def main() -> int:
             for _ in range(args.rounds):
                 for name, port in paths.items():
                     d = duration if name != "sniff-mitmproxy" else min(duration, 5.0)
-                    runs[name].append(wrk(port, c, d))
-                    sent[name] += runs[name][-1]["requests"]
+
+                    def run(
+                        port: int = port,
+                        d: float = d,
+                        out: list[dict[str, float]] = runs[name],
+                        c: int = c,
+                    ) -> float:
+                        out.append(wrk(port, c, d))
+                        return out[-1]["requests"]
+
+                    sent[name] += ledger.measure(groups.get(name, {}), run)
+                    if name in groups and name != "plain-relay":
+                        ledger.after(groups[name])  # deferred decoding: not in the next run
             for name in paths:
                 rs = runs[name]
                 med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
@@ -284,6 +301,8 @@ def main() -> int:
                     + spread,
                     flush=True,
                 )
+        print("\n# CPU per request, all runs at every connection count (from /proc)")
+        print("\n".join(ledger.lines("request")))
         print("\n# ratios (requests/s)")
         for c in conns:
             s = results[("sniff", c)]["rps"]

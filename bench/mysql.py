@@ -51,6 +51,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.capture_check import CpuLedger, children  # noqa: E402
 from bench.plain_relay import start_plain_relay  # noqa: E402
 from tests.helpers import free_port, wait_port  # noqa: E402
 
@@ -301,10 +302,26 @@ def main() -> None:
         )
         for t in targets:  # warm-up (connections, caches, sniff's analysis cache)
             slap(t.port, schema, 2000, args.concurrency, mix)
+        sniff_t = targets[-1]
+        sniff_pids = [sniff_t.pid, *children(sniff_t.pid)]  # type: ignore[attr-defined]
+        groups = {
+            "plain relay": {"plain relay": [relay.proc.pid]},
+            "sniff": {"sniff relay": sniff_pids[:1], "sniff capture": sniff_pids[1:]},
+        }
+        ledger = CpuLedger()
         for r in range(args.rounds):
             for t in targets:
-                t.qps.append(slap(t.port, schema, args.queries, args.concurrency, mix))
+
+                def run(t: Target = t) -> float:
+                    t.qps.append(slap(t.port, schema, args.queries, args.concurrency, mix))
+                    return args.queries
+
+                ledger.measure(groups.get(t.name, {}), run)
+                if t is sniff_t:  # its deferred decoding must not land in the next run
+                    ledger.after(groups["sniff"])
             print(f"  round {r + 1}: " + ", ".join(f"{t.name} {t.qps[-1]:,.0f}/s" for t in targets))
+        print("CPU per statement, all rounds (from /proc):")
+        print("\n".join(ledger.lines("statement")))
         print(f"latency: {args.latency:,} sequential SELECT 1 round trips per target (interleaved)")
         latency_interleaved(targets, args.latency)
     finally:

@@ -44,6 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.capture_check import CpuLedger, children  # noqa: E402
 from bench.plain_relay import start_plain_relay  # noqa: E402
 from tests.helpers import free_port, to_toml, wait_port  # noqa: E402
 
@@ -250,6 +251,9 @@ def main() -> int:
         "haproxy": haproxy.port,
         "sniff": sniff.port,
     }
+    sniff_groups = {"sniff relay": [sniff.p.pid], "sniff capture": children(sniff.p.pid)}
+    groups = {"plain relay": {"plain relay": [plain.proc.pid]}, "sniff": sniff_groups}
+    ledger = CpuLedger()
     tps: dict[str, dict[str, float]] = {s: {} for s in scenarios}
     lat: dict[str, tuple[float, float]] = {}
     err = ""
@@ -259,10 +263,22 @@ def main() -> int:
             for sc in scenarios:
                 for name, port in paths.items():
                     print(f"round {rnd + 1}: {sc:<21} {name} ...", flush=True)
-                    t, tx = pgbench_tx(port, SCENARIOS[sc], duration, args.clients, args.threads)
+                    got: list[tuple[float, int]] = []
+
+                    def run(
+                        port: int = port, sc: str = sc, got: list[tuple[float, int]] = got
+                    ) -> float:
+                        got.append(
+                            pgbench_tx(port, SCENARIOS[sc], duration, args.clients, args.threads)
+                        )
+                        return got[0][1]
+
+                    ledger.measure(groups.get(name, {}), run)
+                    t, tx = got[0]
                     tps[sc][name] = max(tps[sc].get(name, 0.0), t)
                     if name == "sniff":
                         issued += tx * STATEMENTS_PER_TX[sc]
+                        ledger.after(sniff_groups)
             wait_capture_idle(sniff.capture)
             lat_paths = {k: paths[k] for k in ("direct", "plain relay", "sniff")}
             issued += 300 + max(1, args.latency_n // 20) * 20  # warm-up + round trips
@@ -312,6 +328,8 @@ def main() -> int:
             f"sniff/haproxy {r['sniff'] / r['haproxy']:.3f}x (bar >= 1.0x)"
         )
     print(capture_line)
+    print("CPU per transaction, all scenarios (from /proc):")
+    print("\n".join(ledger.lines("transaction")))
     load = os.getloadavg()
     print(f"(load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f})")
     if err.strip():

@@ -39,16 +39,26 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from operator import attrgetter
 from typing import IO, Any, BinaryIO
 
 import orjson
 
-from sniff.events import Event, event_class
+from sniff.events import Event, RawChunk, event_class
 
 log = logging.getLogger("sniff.capture")
 
 _HDR = struct.Struct(">IB")
+# A raw chunk in a shipped buffer: ts, conn, direction, length, then the bytes
+_RAW = struct.Struct("<qqBI")
+_BLOB = "core.raw*"  # a batch item holding such a buffer
+try:  # the same append in C (sniff/_shipper.c), built by pip when a compiler is there
+    from sniff._shipper import Shipper as _CShipper
+except ImportError:
+    _CShipper = None  # type: ignore[assignment,misc]
+_PURE = os.environ.get("SNIFF_PURE_PYTHON") == "1"  # force the Python path (tests, debugging)
+_XNOSHIP = bool(os.environ.get("XNOSHIP"))  # a batch item holding such a buffer
 MAX_BATCH = 20_000
 
 
@@ -70,13 +80,18 @@ class CaptureShipper:
         self.max_queue = max_queue
         self.interval = interval
         self.max_raw_bytes = max_raw_bytes
-        self.raw_bytes = 0  # raw bytes queued, not yet shipped
+        # raw bytes queued (headers included) and shipped: each written by one thread only
+        # (producers on the event loop, the shipper thread), so no update is lost
+        self.raw_in = 0
+        self.raw_out = 0
         self.dropped = 0
         self.dropped_raw_bytes = 0
         self.shipped = 0
         self.recorded: int | None = None  # events the capture process wrote (known at close)
         # Events, or (kind, field values) tuples from emit_fields/emit_raw
         self._q: deque[Any] = deque()
+        self._buf = bytearray()  # raw chunks not yet queued (see emit_raw)
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._getters: dict[type, Any] = {}
         self.proc = subprocess.Popen(
@@ -99,6 +114,11 @@ class CaptureShipper:
         self._thread.start()
 
     @property
+    def raw_bytes(self) -> int:
+        """Raw bytes queued, not yet shipped (the budget ``max_raw_bytes`` bounds)."""
+        return self.raw_in - self.raw_out
+
+    @property
     def written(self) -> int:
         """Events in the capture: what the capture process wrote once it has finished
         (decoded events from shipped bytes included), else what has been shipped."""
@@ -108,23 +128,85 @@ class CaptureShipper:
         if len(self._q) >= self.max_queue:
             self.dropped += 1
             return
+        if self._buf:  # raw bytes shipped before this event go before it
+            with self._lock:
+                self._seal()
         self._q.append(ev)
 
     def emit_raw(self, conn: int, direction: int, ts: int, data: bytes, meta: Any = None) -> bool:
-        """Forwarded bytes to decode in the capture process; False if over budget."""
-        n = len(data)
-        if self.raw_bytes + n > self.max_raw_bytes or len(self._q) >= self.max_queue:
-            self.dropped_raw_bytes += n
+        """Forwarded bytes to decode in the capture process; False if over budget.
+
+        Chunks without ``meta`` (nearly all) are appended to one byte buffer with a
+        21-byte header each, so the relay pays a lock and two appends per chunk and
+        the shipper pickles one buffer per batch instead of a tuple per chunk."""
+        n = len(data) + _RAW.size
+        if self.raw_bytes + n > self.max_raw_bytes:
+            self.dropped_raw_bytes += n - _RAW.size
             return False
-        self.raw_bytes += n
-        self._q.append(("core.raw", (ts, conn, direction, data, meta)))
+        with self._lock:
+            self.raw_in += n
+            if meta is None:
+                buf = self._buf
+                buf += _RAW.pack(ts, conn, direction, n - _RAW.size)
+                buf += data
+            else:
+                self._seal()
+                self._q.append(("core.raw", (ts, conn, direction, data, meta)))
         return True
+
+    def raw_shipper(self, ctx: Any, direction: int) -> Callable[[bytes], None]:
+        """``emit_raw`` for one connection and direction, without ``meta``, as a
+        one-argument callable: what a capture-mode handler calls for every chunk
+        (``ConnContext.shipper``). The C :class:`sniff._shipper.Shipper` when built,
+        else a closure that appends the same bytes. Over budget both defer to
+        ``ctx.ship``, which records the gap."""
+
+        def slow(data: bytes) -> None:
+            ctx.ship(direction, data)
+
+        if _CShipper is not None and not _PURE:
+            return _CShipper(self, ctx.conn_id, direction, slow)
+        return self._py_shipper(ctx, direction, slow)
+
+    def _py_shipper(
+        self, ctx: Any, direction: int, slow: Callable[[bytes], None]
+    ) -> Callable[[bytes], None]:
+        conn = ctx.conn_id
+        lock = self._lock
+        pack = _RAW.pack
+        size = _RAW.size
+        now = time.time_ns
+
+        def ship(data: bytes) -> None:
+            if ctx.gap or not data:
+                return
+            n = len(data) + size
+            if self.raw_in - self.raw_out + n > self.max_raw_bytes:
+                slow(data)
+                return
+            with lock:
+                self.raw_in += n
+                buf = self._buf
+                buf += pack(now(), conn, direction, n - size)
+                buf += data
+
+        return ship
+
+    def _seal(self) -> None:
+        """Queue the raw buffer as one item (under ``_lock``), keeping its place
+        among the events."""
+        if self._buf:
+            self._q.append((_BLOB, (self._buf,)))
+            self._buf = bytearray()
 
     def emit_fields(self, cls: type[Event], values: tuple[Any, ...]) -> None:
         """An event given as its class and positional field values, shipped as is."""
         if len(self._q) >= self.max_queue:
             self.dropped += 1
             return
+        if self._buf:
+            with self._lock:
+                self._seal()
         self._q.append((cls.kind, values))
 
     def _run(self) -> None:
@@ -134,6 +216,8 @@ class CaptureShipper:
 
     def _ship(self) -> None:
         q = self._q
+        with self._lock:
+            self._seal()
         while q:
             n = min(len(q), MAX_BATCH)
             batch = [q.popleft() for _ in range(n)]
@@ -144,8 +228,10 @@ class CaptureShipper:
                 for ev in batch:
                     if ev.__class__ is tuple:  # already (kind, values): emit_fields, emit_raw
                         rows.append(ev)
-                        if ev[0] == "core.raw":
-                            raw += len(ev[1][3])
+                        if ev[0] is _BLOB:
+                            raw += len(ev[1][0])
+                        elif ev[0] == "core.raw":
+                            raw += len(ev[1][3]) + _RAW.size
                         continue
                     g = getters.get(ev.__class__)
                     if g is None:
@@ -157,7 +243,7 @@ class CaptureShipper:
                 self._pipe.write(_frame(b"E", payload))
                 self._pipe.flush()
                 self.shipped += n
-                self.raw_bytes -= raw
+                self.raw_out += raw
             except (BrokenPipeError, OSError, ValueError):
                 self.dropped += n
                 if self.proc.poll() is not None:
@@ -201,6 +287,19 @@ class CaptureShipper:
 # --- the child ------------------------------------------------------------------------------
 
 
+def _unpack_raw(buf: bytearray, out: list[Event]) -> None:
+    """The raw chunks of one shipped buffer (see ``CaptureShipper.emit_raw``)."""
+    view = memoryview(buf)
+    unpack = _RAW.unpack_from
+    size = _RAW.size
+    pos, end = 0, len(buf)
+    while pos < end:
+        ts, conn, direction, n = unpack(buf, pos)
+        pos += size
+        out.append(RawChunk(ts, conn, direction, bytes(view[pos : pos + n])))
+        pos += n
+
+
 def _read_exact(f: BinaryIO, n: int) -> bytes | None:
     buf = b""
     while len(buf) < n:
@@ -211,18 +310,116 @@ def _read_exact(f: BinaryIO, n: int) -> bytes | None:
     return buf
 
 
-def _reader(f: BinaryIO, out: queue.Queue[tuple[int, bytes] | None]) -> None:
-    while True:
-        hdr = _read_exact(f, 5)
-        if hdr is None:
-            out.put(None)
-            return
-        n, kind = _HDR.unpack(hdr)
-        payload = _read_exact(f, n)
-        if payload is None:
-            out.put(None)
-            return
-        out.put((kind, payload))
+class _Inbox:
+    """Frames read from the pipe as they arrive (the reader thread), for the main loop.
+
+    The reader unpickles each batch at once and hands the field values of its new
+    connections to ``on_open`` (identity lookups must not wait for decoding). The
+    queue is unbounded: what the main loop has not processed yet is the backlog the
+    :class:`LoadGate` bounds, and ``closing`` is set once the parent has finished."""
+
+    def __init__(self, f: BinaryIO, on_open: Callable[[list[tuple[Any, ...]]], None]) -> None:
+        self.items: queue.Queue[tuple[int, Any, float, int] | None] = queue.Queue()
+        self.received = 0  # bytes read (reader thread only)
+        self.done = 0  # bytes processed (main loop only)
+        self.closing = threading.Event()
+        self._f = f
+        self._on_open = on_open
+        threading.Thread(target=self._run, name="capture-reader", daemon=True).start()
+
+    @property
+    def backlog(self) -> int:
+        return self.received - self.done
+
+    def _run(self) -> None:
+        f = self._f
+        while True:
+            hdr = _read_exact(f, 5)
+            payload = None if hdr is None else _read_exact(f, _HDR.unpack(hdr)[0])
+            if hdr is None or payload is None:
+                self.closing.set()
+                self.items.put(None)
+                return
+            kind = hdr[4]
+            body: Any = payload
+            if kind == ord("E"):
+                try:
+                    body = pickle.loads(payload)
+                except Exception:
+                    log.exception("capture process: an undecodable batch was skipped")
+                    continue
+                opens = [v for k, v in body if k == "core.conn_open"]
+                if opens:
+                    self._on_open(opens)
+            elif kind == ord("Q"):
+                self.closing.set()
+            self.received += len(payload)
+            self.items.put((kind, body, time.monotonic(), len(payload)))
+
+
+class LoadGate:
+    """Decoding yields to traffic: while the machine's other processes leave less than
+    ``min_idle`` CPUs idle, batches wait, up to ``max_defer`` seconds for the oldest
+    one and ``max_backlog`` bytes in all; past either bound (or once the proxy process
+    has finished) they are processed regardless, at the process's nice +10.
+
+    Why. On a machine whose cores the traffic fills, every microsecond the capture
+    process spends is taken from the traced services (nice only shares the CPU
+    out). Bursts are what such machines see; deferring the decoding to the idle
+    time after them costs memory and export latency, not throughput. The load is
+    read from ``/proc/stat`` (all CPUs' busy time, minus this process's own) at most
+    every ``period`` seconds; where it cannot be read the gate never holds."""
+
+    def __init__(
+        self,
+        max_defer: float,
+        max_backlog: int = 256 * 1024 * 1024,
+        min_idle: float = 0.5,
+        period: float = 0.1,
+    ) -> None:
+        self.max_defer = max_defer
+        self.max_backlog = max_backlog
+        self.min_idle = min_idle
+        self.period = period
+        self.ncpu = os.cpu_count() or 1
+        self.tck = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
+        self.busy = False
+        self.held = 0.0  # seconds spent holding, in all
+        self._last = self._sample()
+        self._at = time.monotonic()
+
+    def _sample(self) -> tuple[float, float] | None:
+        """(all CPUs' time, other processes' busy time), in seconds, or None."""
+        try:
+            with open("/proc/stat", "rb") as f:
+                v = f.readline().split()
+            ticks = [int(x) for x in v[1:9]]
+        except (OSError, ValueError):
+            return None
+        total = sum(ticks) / self.tck
+        t = os.times()
+        return total, total - (ticks[3] + ticks[4]) / self.tck - (t.user + t.system)
+
+    def idle_cpus(self) -> float | None:
+        """CPUs the other processes left idle since the previous reading."""
+        now = self._sample()
+        last, self._last = self._last, now
+        if now is None or last is None or now[0] <= last[0]:
+            return None
+        return self.ncpu * (1.0 - (now[1] - last[1]) / (now[0] - last[0]))
+
+    def hold(self, oldest: float, backlog: int, closing: bool) -> bool:
+        """Whether a batch received at ``oldest`` (monotonic) should wait now."""
+        if self.max_defer <= 0 or closing or backlog >= self.max_backlog:
+            return False
+        now = time.monotonic()
+        if now - oldest >= self.max_defer:
+            return False
+        if now - self._at >= self.period:
+            self._at = now
+            idle = self.idle_cpus()
+            self.busy = idle is not None and idle < self.min_idle
+        return self.busy
 
 
 def main() -> int:
@@ -277,34 +474,39 @@ def main() -> int:
         print(f"error: {e}", flush=True)
         return 1
     print("ready", flush=True)
-    frames: queue.Queue[tuple[int, bytes] | None] = queue.Queue(maxsize=64)
-    threading.Thread(target=_reader, args=(stdin, frames), daemon=True).start()
+    inbox = _Inbox(stdin, rec.prefetch)
+    gate = LoadGate(float(settings.get("capture_defer", 0)))
     dropped = 0
     last_tick = time.monotonic()
     while True:
         try:
-            item = frames.get(timeout=0.5)
+            item = inbox.items.get(timeout=0.5)
         except queue.Empty:
-            item = ("tick", b"")  # type: ignore[assignment]
+            item = (0, None, 0.0, 0)  # a tick
         if item is None:
             break
-        kind, payload = item
+        kind, body, received, size = item
         if kind == ord("E"):
-            try:
-                batch = []
-                for k, values in pickle.loads(payload):
-                    cls = event_class(k)
-                    if cls is not None:
-                        batch.append(cls(*values))
-            except Exception:
-                log.exception("capture process: an undecodable batch was skipped")
-                continue
+            while gate.hold(received, inbox.backlog, inbox.closing.is_set()):
+                time.sleep(0.05)
+                gate.held += 0.05
+            batch: list[Event] = []
+            for k, values in body:
+                if k == _BLOB:
+                    _unpack_raw(values[0], batch)
+                    continue
+                cls = event_class(k)
+                if cls is not None:
+                    batch.append(cls(*values))
             rec.process(batch)
         elif kind == ord("Q"):
-            dropped = int(orjson.loads(payload).get("dropped", 0))
+            dropped = int(orjson.loads(body).get("dropped", 0))
+        inbox.done += size
         if time.monotonic() - last_tick >= 1.0:
             last_tick = time.monotonic()
-            rec.tick()
+            rec.tick(behind=inbox.backlog > 0)
+    if gate.held:
+        log.info("capture: decoding waited %.1f s in all for the CPU to go idle", gate.held)
     rec.close(dropped)
     if live is not None:
         live.close()

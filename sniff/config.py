@@ -84,6 +84,8 @@ class Config:
     identify_processes: bool = True
     # capture, identity, correlation and export in a separate low-priority process
     capture_process: bool = True
+    # seconds the capture process's decoding may wait for idle CPU (see sniff.capture_proc.LoadGate)
+    capture_defer: float = 30.0
     # correlator options, validated by correlate/ (kept as raw table here)
     correlate: dict[str, Any] = field(default_factory=dict)
 
@@ -214,6 +216,7 @@ _TOP_KEYS = {
     "correlate",
     "identify_processes",
     "capture_process",
+    "capture_defer",
 }
 
 
@@ -241,6 +244,13 @@ def from_dict(data: dict[str, Any], source: str = "config") -> Config:
         cfg.identify_processes = _check_type(data["identify_processes"], bool, "identify_processes")
     if "capture_process" in data:
         cfg.capture_process = _check_type(data["capture_process"], bool, "capture_process")
+    if "capture_defer" in data:
+        v = data["capture_defer"]
+        if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+            raise ConfigError(
+                f"capture_defer: expected a number of seconds >= 0 (0 decodes at once), got {v!r}"
+            )
+        cfg.capture_defer = float(v)
     proxies = data.get("proxy", [])
     if isinstance(proxies, dict):
         raise ConfigError("proxy: write each proxy as [[proxy]] (an array of tables), not [proxy]")

@@ -29,6 +29,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -156,6 +157,15 @@ class ConnContext:
 
             self.sink.emit(RawGap(time.time_ns(), self.conn_id, len(data)))
 
+    def shipper(self, direction: int) -> Callable[[bytes], None]:
+        """``ship(direction, data)`` as a one-argument callable, the cheapest the sink
+        offers (the capture shipper's per-connection closure): for handlers that ship
+        every chunk of a direction as it is."""
+        make = getattr(self.sink, "raw_shipper", None)
+        if make is not None:
+            return make(self, direction)  # type: ignore[no-any-return]
+        return partial(self.ship, direction)
+
     def emit(self, ev: Event) -> None:
         self.sink.emit(ev)
 
@@ -170,20 +180,39 @@ class ConnContext:
         self._relay.close(reason, by="proxy")
 
 
-class _Side(asyncio.Protocol):
-    """One socket of a relayed connection; all logic lives in RelayConnection."""
+try:  # data_received in C, with a fast mode for directions a handler only ships
+    from sniff._shipper import Shipper as _Shipper
+    from sniff._shipper import Tee as _TeeBase
+except ImportError:  # no C compiler at install: the same protocol in Python, slow mode only
+    _Shipper = None  # type: ignore[assignment,misc]
+
+    class _TeeBase:  # type: ignore[no-redef]
+        __slots__ = ("slow",)
+        slow: Callable[[bytes], Any]
+        fast = False
+        nbytes = 0
+
+        def data_received(self, data: bytes) -> None:
+            self.slow(data)
+
+        def set_fast(self, write: Any, shipper: Any) -> None:
+            raise NotImplementedError
+
+        def fast_off(self) -> None:
+            pass
+
+
+class _Side(_TeeBase, asyncio.Protocol):
+    """One socket of a relayed connection; all logic lives in RelayConnection.
+    ``data_received`` (from the base) calls ``slow``, the connection's ``from_server``
+    (or ``from_client``), or, in fast mode, forwards and ships in C."""
 
     __slots__ = ("conn", "is_client")
 
     def __init__(self, conn: RelayConnection, is_client: bool) -> None:
         self.conn = conn
         self.is_client = is_client
-
-    def data_received(self, data: bytes) -> None:
-        if self.is_client:
-            self.conn.from_client(data)
-        else:
-            self.conn.from_server(data)
+        self.slow = conn.from_client if is_client else conn.from_server
 
     def eof_received(self) -> bool:
         return self.conn.eof(self.is_client)
@@ -205,15 +234,18 @@ class RelayConnection:
         "_paused_by_c",
         "_paused_by_s",
         "c_eof",
+        "c_side",
         "c_t",
         "closed",
         "ctx",
+        "fast",
         "first_eof",
         "handler",
         "listener",
         "n_c2s",
         "n_s2c",
         "s_eof",
+        "s_side",
         "s_t",
         "started",
     )
@@ -237,6 +269,9 @@ class RelayConnection:
         self.started = time.monotonic()
         self._paused_by_c = False
         self._paused_by_s = False
+        self.c_side: _TeeBase | None = None  # the protocol objects of both sockets
+        self.s_side: _TeeBase | None = None
+        self.fast = False  # a direction is in the protocol objects' fast mode
 
     # --- client accepted -----------------------------------------------------------------
 
@@ -254,7 +289,7 @@ class RelayConnection:
         peer = self.c_t.get_extra_info("peername") or ("?", 0)
         client = (str(peer[0]), int(peer[1]))
         loop = asyncio.get_running_loop()
-        s_side = _Side(self, False)
+        s_side = self.s_side = _Side(self, False)
         try:
             transport, _ = await asyncio.wait_for(
                 loop.create_connection(lambda: s_side, cfg.upstream.host, cfg.upstream.port),
@@ -346,6 +381,8 @@ class RelayConnection:
         self.n_c2s += len(data)
         if not h.observe:
             s_t.write(data)
+            if self.fast:
+                self._fast_off()
         elif h.rewrite_c2s:
             try:
                 out = h.c2s(data)
@@ -359,6 +396,10 @@ class RelayConnection:
                 h.c2s(data)
             except Exception as e:
                 self._handler_failed("c2s", e)
+                return
+            fn: Any = h.c2s
+            if type(fn) is _Shipper and h.observe and not h.rewrite_c2s:
+                self._fast_on(self.c_side, s_t, fn)
 
     def from_server(self, data: bytes) -> None:
         h = self.handler
@@ -370,6 +411,8 @@ class RelayConnection:
         self.n_s2c += len(data)
         if not h.observe:
             c_t.write(data)
+            if self.fast:
+                self._fast_off()
         elif h.rewrite_s2c:
             try:
                 out = h.s2c(data)
@@ -383,6 +426,36 @@ class RelayConnection:
                 h.s2c(data)
             except Exception as e:
                 self._handler_failed("s2c", e)
+                return
+            fn: Any = h.s2c
+            if type(fn) is _Shipper and h.observe and not h.rewrite_s2c:
+                self._fast_on(self.s_side, c_t, fn)
+
+    # --- fast mode -------------------------------------------------------------------------
+    # A capture-mode handler that only ships a direction (its c2s or s2c is a C Shipper, it
+    # neither rewrites nor stops observing that direction) has nothing left to do in Python
+    # for it: the socket's protocol object then forwards, counts and ships each chunk in one
+    # C call (sniff/_shipper.c). The handler may still change its mind only through the
+    # other direction (a pump from then on): that turns fast mode off.
+
+    def _fast_on(self, side: _TeeBase | None, to: asyncio.Transport, shipper: Any) -> None:
+        if side is not None and not self.closed and not side.fast:
+            side.set_fast(to.write, shipper)
+            self.fast = True
+
+    def _fast_off(self) -> None:
+        for side in (self.c_side, self.s_side):
+            if side is not None and side.fast:
+                side.fast_off()
+        self.fast = False
+
+    def bytes_relayed(self) -> tuple[int, int]:
+        """(client->server, server->client) bytes so far, fast mode included."""
+        c, s = self.c_side, self.s_side
+        return (
+            self.n_c2s + (c.nbytes if c is not None else 0),
+            self.n_s2c + (s.nbytes if s is not None else 0),
+        )
 
     def write_client(self, data: bytes) -> None:
         if self.c_t is not None and not self.c_t.is_closing():
@@ -435,7 +508,7 @@ class RelayConnection:
                 ctx.conn_id if ctx else 0,
                 self.listener.cfg.protocol,
                 direction,
-                self.n_c2s if direction == "c2s" else self.n_s2c,
+                self.bytes_relayed()[0 if direction == "c2s" else 1],
                 f"internal decoder error: {type(exc).__name__}: {exc}",
                 "",
             )
@@ -524,6 +597,8 @@ class RelayConnection:
             return
         self.closed = True
         self.listener.conns.discard(self)
+        if self.fast:
+            self._fast_off()  # (the protocol objects keep their byte counts)
         h = self.handler
         if h is not None and h.observe:
             # anything a rewriting handler still holds goes out unchanged
@@ -544,7 +619,7 @@ class RelayConnection:
                 t.close()  # flushes the write buffer, then closes
         if self.ctx is not None:
             self.listener.sink.emit(
-                ConnClose(time.time_ns(), self.ctx.conn_id, reason, by, self.n_c2s, self.n_s2c)
+                ConnClose(time.time_ns(), self.ctx.conn_id, reason, by, *self.bytes_relayed())
             )
 
     def abort(self, reason: str) -> None:
@@ -566,19 +641,19 @@ def _describe_connect_error(e: BaseException, upstream: Address, timeout: float)
     return str(e) or type(e).__name__
 
 
-class _Accept(asyncio.Protocol):
-    """The protocol object asyncio creates per accepted socket: hands over to RelayConnection."""
+class _Accept(_TeeBase, asyncio.Protocol):
+    """The protocol object asyncio creates per accepted socket: hands over to RelayConnection
+    (``data_received``, from the base, calls its ``from_client``; see :class:`_Side`)."""
 
     __slots__ = ("conn",)
 
     def __init__(self, listener: RelayListener) -> None:
         self.conn = RelayConnection(listener)
+        self.conn.c_side = self
+        self.slow = self.conn.from_client
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.conn.accepted(transport)  # type: ignore[arg-type]
-
-    def data_received(self, data: bytes) -> None:
-        self.conn.from_client(data)
 
     def eof_received(self) -> bool:
         return self.conn.eof(True)

@@ -58,6 +58,7 @@ class Runtime:
             "capture": str(Path(cfg.capture).resolve()),
             "log_level": cfg.log_level,
             "identify_processes": cfg.identify_processes,
+            "capture_defer": cfg.capture_defer,
             "services": cfg.services,
             "correlate": cfg.correlate,
             "otlp": cfg.export.otlp,

@@ -290,6 +290,10 @@ class Recorder:
         self._set_meta_initial()
         self._fields = _read_fields(self._db)
         self._side: deque[Event] = deque()  # events the identity thread produces
+        # connections whose identity was asked for on arrival (prefetch), before their
+        # ConnOpen went through process(): their results wait in _early_ids till then
+        self._pending_open: set[int] = set()
+        self._early_ids: dict[int, list[Event]] = {}
         self._upstreams: dict[tuple[str, str], tuple[str, int]] = {}
         self._last_upstream_check = 0.0
         self._started = time.monotonic()
@@ -329,7 +333,11 @@ class Recorder:
         if self.resolver is not None:
             self._identify(batch)
         while self._side:
-            batch.append(self._side.popleft())
+            ev = self._side.popleft()
+            if ev.conn in self._pending_open:
+                self._early_ids.setdefault(ev.conn, []).append(ev)
+            else:
+                batch.append(ev)
         if not batch:
             return
         for ev in batch:
@@ -347,9 +355,24 @@ class Recorder:
                 log.exception("capture: failed to write %d events to %s", len(part), self.path)
         self._listeners(batch)
 
-    def tick(self) -> None:
-        """Idle time: re-check upstream listeners, write identity results, advance listeners."""
-        late = self.host.tick(time.time_ns())
+    def prefetch(self, conn_opens: list[tuple[Any, ...]]) -> None:
+        """Ask for the identity of new connections as soon as they reach the capture
+        process (ConnOpen field values), before their events are processed: the peer's
+        process may be gone by the time a deferred batch is (see ``sniff.capture_proc``)."""
+        if self.resolver is None:
+            return
+        from sniff.events import ConnOpen
+
+        for values in conn_opens:
+            ev = ConnOpen(*values)
+            self._pending_open.add(ev.conn)
+            self._request_identity(ev)
+
+    def tick(self, behind: bool = False) -> None:
+        """Idle time: re-check upstream listeners, write identity results, advance listeners.
+        ``behind``: received chunks still wait to be decoded, so the decoders' "in flight
+        for a second" announcements, which compare with the wall clock, wait too."""
+        late = None if behind else self.host.tick(time.time_ns())
         if late:
             self.process(late)
         if self.resolver is not None and self._upstreams:
@@ -373,25 +396,32 @@ class Recorder:
     def _identify(self, batch: list[Event]) -> None:
         from sniff.events import ConnOpen, ProxyStart
 
+        released: list[Event] = []
         for ev in batch:
             if isinstance(ev, ConnOpen):
-                self.resolver.request(
-                    ev.conn,
-                    "client",
-                    (ev.client_addr, ev.client_port),
-                    (ev.listen_addr, ev.listen_port),
-                )
-                if ev.upstream_local_port:
-                    self.resolver.request(
-                        ev.conn,
-                        "server",
-                        (ev.server_addr, ev.server_port),
-                        (ev.upstream_local_addr, ev.upstream_local_port),
-                    )
+                if ev.conn in self._pending_open:  # asked for on arrival (prefetch)
+                    self._pending_open.discard(ev.conn)
+                    released.extend(self._early_ids.pop(ev.conn, ()))
+                else:
+                    self._request_identity(ev)
             elif isinstance(ev, ProxyStart):
                 host, _, port = ev.upstream.rpartition(":")
                 self._upstreams[(ev.proxy, ev.upstream)] = (host.strip("[]"), int(port))
                 self._check_upstreams()
+
+        batch.extend(released)
+
+    def _request_identity(self, ev: Any) -> None:
+        self.resolver.request(
+            ev.conn, "client", (ev.client_addr, ev.client_port), (ev.listen_addr, ev.listen_port)
+        )
+        if ev.upstream_local_port:
+            self.resolver.request(
+                ev.conn,
+                "server",
+                (ev.server_addr, ev.server_port),
+                (ev.upstream_local_addr, ev.upstream_local_port),
+            )
 
     def _check_upstreams(self) -> None:
         self._last_upstream_check = time.monotonic()

@@ -62,6 +62,8 @@ class AmqpCaptureHandler(Handler):
                         release=self._release, shared=shared)
             if ctx.proxy.inject else None
         )  # fmt: skip
+        self._ship0 = ctx.shipper(0)
+        self._ship1 = ctx.shipper(1)
 
     def _release(self, data: bytes) -> None:  # held bytes let go after a decode failure
         self.ctx.send_to_server(data)
@@ -70,20 +72,28 @@ class AmqpCaptureHandler(Handler):
     def c2s(self, data: bytes) -> bytes:
         inj = self.injector
         if inj is None:
-            self.ctx.ship(0, data)
+            self._ship0(data)
             return data
         out = inj.feed_client(data)
         if out:
-            self.ctx.ship(0, out, inj.take_injected())
+            meta = inj.take_injected()
+            if meta is None:
+                self._ship0(out)
+            else:
+                self.ctx.ship(0, out, meta)
         return out
 
     def s2c(self, data: bytes) -> bytes:
         inj = self.injector
         if inj is None:
-            self.ctx.ship(1, data)
+            self._ship1(data)
             return data
         inj.scan_server(data)
-        self.ctx.ship(1, data, inj.take_assigned())
+        meta = inj.take_assigned()
+        if meta is None:
+            self._ship1(data)
+        else:
+            self.ctx.ship(1, data, meta)
         return data
 
     def flush_c2s(self) -> bytes:

@@ -36,7 +36,6 @@ import contextlib
 import logging
 import ssl
 import time
-from functools import partial
 
 from proxies.mysql import packets as P
 from proxies.mysql.decoder import MysqlDecoder, MysqlShared
@@ -351,13 +350,13 @@ class MysqlCaptureHandler(Handler):
             out = buf[:4] + edited + buf[4 + ln :]
         # from now on the relay forwards first and this only ships
         self.rewrite_s2c = False
-        self.s2c = partial(ctx.ship, 1)  # type: ignore[method-assign,assignment]
+        self.s2c = ctx.shipper(1)  # type: ignore[method-assign,assignment]
         ctx.ship(1, out, buf if edited is not None else None)
         return out
 
     def _first_c2s(self, data: bytes) -> bytes:
         ctx = self.ctx
-        ship = self.c2s = partial(ctx.ship, 0)  # type: ignore[method-assign,assignment]
+        ship = self.c2s = ctx.shipper(0)  # type: ignore[method-assign,assignment]
         ship(data)
         # An SSLRequest although the greeting offered no TLS: encrypted end to end. The
         # decoder says so from this packet and decodes nothing after it, so nothing after

@@ -40,7 +40,6 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 from proxies.postgres.decoder import (
     CANCEL_REQUEST,
@@ -355,7 +354,7 @@ class PostgresCaptureHandler(Handler):
         super().__init__(ctx)
         self._held = b""  # the start of a packet that may still be a request
         self._off = 0  # client bytes consumed (answered requests)
-        self.s2c = partial(ctx.ship, 1)  # type: ignore[method-assign,assignment]
+        self.s2c = ctx.shipper(1)  # type: ignore[method-assign,assignment]
 
     def c2s(self, data: bytes) -> bytes:
         buf = self._held + data if self._held else data
@@ -383,7 +382,7 @@ class PostgresCaptureHandler(Handler):
             self._off += 8
         out = buf[pos:] if pos else buf
         self.rewrite_c2s = False
-        self.c2s = partial(ctx.ship, 0)  # type: ignore[method-assign,assignment]
+        self.c2s = ctx.shipper(0)  # type: ignore[method-assign,assignment]
         ctx.ship(0, out)
         if _last_decoded(out, self._off == 0):
             self.observe = False  # nothing after this is decoded: a plain pump
