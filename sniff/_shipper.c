@@ -108,6 +108,109 @@ static PyObject *ship(Shipper *self, PyObject *data) {
     Py_RETURN_NONE;
 }
 
+/* ---- tag_head: the HTTP injector's commonest case, in C ----------------------------------
+ *
+ * A keep-alive client's request head repeating the connection's previous plain head byte
+ * for byte (proxies.http.injector.Http1Injector.feed_client) gets a new traceparent line
+ * before its blank line; the copy is shipped with that line as its meta (a record whose
+ * direction byte has bit 7 set, followed by the meta's 4-byte length and bytes). The ids
+ * come from xoshiro256** seeded from the OS (getrandom); W3C asks for random, not secret,
+ * ids, and Python's own getrandbits (the Python path) is no stronger. The lowest bit of
+ * each id is set, as all-zero ids are invalid.
+ */
+#include <sys/random.h>
+
+static uint64_t rng[4];
+
+static inline uint64_t rotl(const uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+static uint64_t next_rand(void) {
+    const uint64_t result = rotl(rng[1] * 5, 7) * 9;
+    const uint64_t t = rng[1] << 17;
+    rng[2] ^= rng[0];
+    rng[3] ^= rng[1];
+    rng[1] ^= rng[2];
+    rng[0] ^= rng[3];
+    rng[2] ^= t;
+    rng[3] = rotl(rng[3], 45);
+    return result;
+}
+
+static void hex64(char *p, uint64_t v) {
+    static const char digits[] = "0123456789abcdef";
+    for (int i = 15; i >= 0; i--) {
+        p[i] = digits[v & 0xf];
+        v >>= 4;
+    }
+}
+
+#define LINE_LEN 72 /* "traceparent: 00-" 16, 32 + "-" + 16 hex, "-01" 3, CRLF CRLF 4 */
+
+static PyObject *Shipper_tag_head(Shipper *self, PyObject *data) {
+    if (!PyBytes_Check(data)) {
+        PyErr_SetString(PyExc_TypeError, "tag_head takes bytes");
+        return NULL;
+    }
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
+    const char *src = PyBytes_AS_STRING(data);
+    if (self->gap || n < 4 || memcmp(src + n - 4, "\r\n\r\n", 4) != 0) Py_RETURN_NONE;
+    Py_ssize_t outn = n - 2 + LINE_LEN;
+    long long rec = HDR + (long long)outn + 4 + LINE_LEN, in, out, max;
+    if (get_ll(self->owner, s_raw_in, &in) < 0 || get_ll(self->owner, s_raw_out, &out) < 0 ||
+        get_ll(self->owner, s_max, &max) < 0)
+        return NULL;
+    if (in - out + rec > max) Py_RETURN_NONE; /* the Python path records the gap */
+    PyObject *res = PyBytes_FromStringAndSize(NULL, outn);
+    if (res == NULL) return NULL;
+    char *o = PyBytes_AS_STRING(res);
+    memcpy(o, src, (size_t)(n - 2));
+    char *line = o + n - 2;
+    memcpy(line, "traceparent: 00-", 16);
+    hex64(line + 16, next_rand());
+    hex64(line + 32, next_rand() | 1);
+    line[48] = '-';
+    hex64(line + 49, next_rand() | 1);
+    memcpy(line + 65, "-01\r\n\r\n", 7);
+    PyObject *buf = PyObject_GetAttr(self->owner, s_buf);
+    if (buf == NULL) {
+        Py_DECREF(res);
+        return NULL;
+    }
+    Py_ssize_t old = PyByteArray_GET_SIZE(buf);
+    if (!PyByteArray_Check(buf) || PyByteArray_Resize(buf, old + (Py_ssize_t)rec) < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "owner._buf must be a bytearray");
+        Py_DECREF(buf);
+        Py_DECREF(res);
+        return NULL;
+    }
+    char *p = PyByteArray_AS_STRING(buf) + old;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    put_le(p, (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec, 8);
+    put_le(p + 8, (uint64_t)self->conn, 8);
+    p[16] = (char)(self->direction | 0x80);
+    put_le(p + 17, (uint64_t)outn, 4);
+    memcpy(p + HDR, o, (size_t)outn);
+    put_le(p + HDR + outn, LINE_LEN, 4);
+    memcpy(p + HDR + outn + 4, line, LINE_LEN);
+    Py_DECREF(buf);
+    PyObject *v = PyLong_FromLongLong(in + rec);
+    if (v == NULL || PyObject_SetAttr(self->owner, s_raw_in, v) < 0) {
+        Py_XDECREF(v);
+        Py_DECREF(res);
+        return NULL;
+    }
+    Py_DECREF(v);
+    return res;
+}
+
+static PyMethodDef Shipper_methods[] = {
+    {"tag_head", (PyCFunction)Shipper_tag_head, METH_O,
+     "tag_head(head) -> head with a new traceparent line, shipped with the line as meta; "
+     "None if it cannot (not a whole head, over budget: take the Python path)"},
+    {NULL},
+};
+
 static PyObject *Shipper_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf,
                                     PyObject *kwnames) {
     if (PyVectorcall_NARGS(nargsf) != 1 || (kwnames && PyTuple_GET_SIZE(kwnames))) {
@@ -177,6 +280,7 @@ static PyTypeObject ShipperType = {
     .tp_call = PyVectorcall_Call,
     .tp_vectorcall_offset = offsetof(Shipper, vectorcall),
     .tp_getset = Shipper_getset,
+    .tp_methods = Shipper_methods,
 };
 
 
@@ -309,6 +413,10 @@ PyMODINIT_FUNC PyInit__shipper(void) {
     s_raw_out = PyUnicode_InternFromString("raw_out");
     s_max = PyUnicode_InternFromString("max_raw_bytes");
     if (!s_buf || !s_raw_in || !s_raw_out || !s_max) return NULL;
+    if (getrandom(rng, sizeof rng, 0) != (ssize_t)sizeof rng) {
+        PyErr_SetString(PyExc_OSError, "getrandom failed");
+        return NULL;
+    }
     if (PyType_Ready(&ShipperType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;

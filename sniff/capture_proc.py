@@ -288,7 +288,9 @@ class CaptureShipper:
 
 
 def _unpack_raw(buf: bytearray, out: list[Event]) -> None:
-    """The raw chunks of one shipped buffer (see ``CaptureShipper.emit_raw``)."""
+    """The raw chunks of one shipped buffer (see ``CaptureShipper.emit_raw``). A record
+    whose direction byte has bit 7 set carries a bytes ``meta`` after its data (4-byte
+    length, bytes): the C ``Shipper.tag_head`` writes the traceparent line it added so."""
     view = memoryview(buf)
     unpack = _RAW.unpack_from
     size = _RAW.size
@@ -296,8 +298,16 @@ def _unpack_raw(buf: bytearray, out: list[Event]) -> None:
     while pos < end:
         ts, conn, direction, n = unpack(buf, pos)
         pos += size
-        out.append(RawChunk(ts, conn, direction, bytes(view[pos : pos + n])))
+        data = bytes(view[pos : pos + n])
         pos += n
+        if direction & 0x80:
+            m = int.from_bytes(view[pos : pos + 4], "little")
+            out.append(
+                RawChunk(ts, conn, direction & 0x7F, data, bytes(view[pos + 4 : pos + 4 + m]))
+            )
+            pos += 4 + m
+        else:
+            out.append(RawChunk(ts, conn, direction, data))
 
 
 def _read_exact(f: BinaryIO, n: int) -> bytes | None:
@@ -359,7 +369,8 @@ class _Inbox:
 
 class LoadGate:
     """Decoding yields to traffic: while the machine's other processes leave less than
-    ``min_idle`` CPUs idle, batches wait, up to ``max_defer`` seconds for the oldest
+    ``min_idle`` CPUs idle (default one whole CPU: decoding is one thread's work, and
+    on a partly idle CPU it would still delay the processes that wake there), batches wait, up to ``max_defer`` seconds for the oldest
     one and ``max_backlog`` bytes in all; past either bound (or once the proxy process
     has finished) they are processed regardless, at the process's nice +10.
 
@@ -374,7 +385,7 @@ class LoadGate:
         self,
         max_defer: float,
         max_backlog: int = 256 * 1024 * 1024,
-        min_idle: float = 0.5,
+        min_idle: float = 1.0,
         period: float = 0.1,
     ) -> None:
         self.max_defer = max_defer

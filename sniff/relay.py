@@ -390,6 +390,8 @@ class RelayConnection:
                 out = self._handler_failed("c2s", e) + data
             if out:
                 s_t.write(out)
+            if self.fast:  # the handler may have taken the other direction back
+                self._fast_check(h)
         else:
             s_t.write(data)
             try:
@@ -397,6 +399,8 @@ class RelayConnection:
             except Exception as e:
                 self._handler_failed("c2s", e)
                 return
+            if self.fast:
+                self._fast_check(h)
             fn: Any = h.c2s
             if type(fn) is _Shipper and h.observe and not h.rewrite_c2s:
                 self._fast_on(self.c_side, s_t, fn)
@@ -420,6 +424,8 @@ class RelayConnection:
                 out = self._handler_failed("s2c", e) + data
             if out:
                 c_t.write(out)
+            if self.fast:
+                self._fast_check(h)
         else:
             c_t.write(data)
             try:
@@ -427,6 +433,8 @@ class RelayConnection:
             except Exception as e:
                 self._handler_failed("s2c", e)
                 return
+            if self.fast:
+                self._fast_check(h)
             fn: Any = h.s2c
             if type(fn) is _Shipper and h.observe and not h.rewrite_s2c:
                 self._fast_on(self.s_side, c_t, fn)
@@ -442,6 +450,21 @@ class RelayConnection:
         if side is not None and not self.closed and not side.fast:
             side.set_fast(to.write, shipper)
             self.fast = True
+
+    def _fast_check(self, h: Handler) -> None:
+        """After a handler call in slow mode: a fast direction whose handler no longer only
+        ships (it rewrites, stopped observing, or its c2s/s2c is something else now, e.g.
+        the HTTP injector watching the server's answer to an Upgrade) goes slow again."""
+        c, s = self.c_side, self.s_side
+        if c is not None and c.fast:
+            fn: Any = h.c2s
+            if not h.observe or h.rewrite_c2s or type(fn) is not _Shipper:
+                c.fast_off()
+        if s is not None and s.fast:
+            fn = h.s2c
+            if not h.observe or h.rewrite_s2c or type(fn) is not _Shipper:
+                s.fast_off()
+        self.fast = (c is not None and c.fast) or (s is not None and s.fast)
 
     def _fast_off(self) -> None:
         for side in (self.c_side, self.s_side):

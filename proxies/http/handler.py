@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 from proxies.http.decoder import _TUNNEL, ANNOUNCE_AFTER_NS, Http1Decoder
@@ -78,7 +77,9 @@ class HttpCaptureHandler(Handler):
     def __init__(self, ctx: ConnContext, settings: dict[str, Any]) -> None:
         super().__init__(ctx)
         ship = ctx.ship
-        self._s2c_plain: Callable[[bytes], None] = partial(ship, 1)
+        # server chunks are only shipped: with the C shipper the relay then forwards and
+        # ships them without a Python call (sniff.relay fast mode), except while watching
+        self._s2c_plain: Callable[[bytes], None] = ctx.shipper(1)
         self.s2c = self._s2c_plain  # type: ignore[assignment]
         self.injector: Http1Injector | None = None
         if ctx.proxy.inject:
@@ -89,11 +90,12 @@ class HttpCaptureHandler(Handler):
                 self._watch,
                 max_head=settings.get("max_head", 64 * 1024),
                 clock=settings.get("clock", time.time_ns),  # a fake clock in tests
+                tagger=getattr(ctx.shipper(0), "tag_head", None),
             )
             self.c2s = inj.feed_client  # type: ignore[method-assign]
             self.flush_c2s = inj.flush_client  # type: ignore[method-assign]
         else:
-            self.c2s = partial(ship, 0)  # type: ignore[assignment]
+            self.c2s = ctx.shipper(0)  # type: ignore[assignment]
 
     def _watch(self, on: bool) -> None:
         assert self.injector is not None

@@ -108,6 +108,7 @@ class Http1Injector:
         "ship",
         "state",
         "stopped",
+        "tagger",
         "upgrade",
         "watch",
     )
@@ -120,8 +121,12 @@ class Http1Injector:
         *,
         max_head: int = MAX_HEAD,
         clock: Callable[[], int] = time.time_ns,
+        tagger: Callable[[bytes], bytes | None] | None = None,
     ) -> None:
         self.ship = ship
+        # the repeated-head case in C (sniff._shipper.Shipper.tag_head): the same line
+        # format and meta, shipped into the capture buffer; None when it declines
+        self.tagger = tagger
         self.release = release
         self.watch = watch
         self.max_head = max_head
@@ -149,6 +154,10 @@ class Http1Injector:
             if data == self.plain:
                 # the commonest case: the chunk is one head, byte for byte the previous
                 # plain head of this connection (keep-alive clients repeat themselves)
+                if self.tagger is not None:
+                    tagged = self.tagger(data)
+                    if tagged is not None:
+                        return tagged
                 line = _LINE % hexlify(
                     (_getrandbits(192) | _NONZERO).to_bytes(24, "big"), b"-", -16
                 )

@@ -97,6 +97,9 @@ class FakeCtx:
         if data:
             self.shipped.append((self.clock(), direction, data, meta))
 
+    def shipper(self, direction: int) -> Any:
+        return lambda data: self.ship(direction, data)
+
     def send_to_server(self, data: bytes) -> None:
         self.to_server.append(data)
 
