@@ -402,9 +402,368 @@ static PyTypeObject TeeType = {
     .tp_getset = Tee_getset,
 };
 
+
+/* ---- lean_feed: the AMQP relay's framing loop (proxies.amqp.decoder._feed_lean), in C --------
+ *
+ * In capture mode the relay frames each AMQP stream only to find what it must act on:
+ * on the client's side each Basic.Publish content header (tagged by the decoder's
+ * _lean_tag), on the broker's each delivered content header that may be an RPC request
+ * (_lean_request), and the three methods that change the framing (Tune-Ok, Channel.Open,
+ * Channel.Close-Ok: _lean_method). Everything else (body frames, other methods,
+ * heartbeats) only needs its length checked. The Python loop cost 20-30 us per chunk on
+ * the RPC benchmark's cold path, where pika sends method, header and body as three
+ * chunks; this one touches Python only for the three calls above. It keeps the Python
+ * loop's state where the Python loop does (the stream's buf, body_left and offset; the
+ * decoder's frames and heartbeats) plus, per channel, a publish or delivery awaiting its
+ * header (dec._lean_flags) and a publish's routing key to the default exchange
+ * (dec._lean_rk). Returns (out, error, error position): on a framing error, out is the
+ * rest of the chunk as it came, and the caller calls _fail.
+ */
+#define BASIC_PUBLISH ((60u << 16) | 40u)
+#define BASIC_DELIVER ((60u << 16) | 60u)
+#define BASIC_GET_OK ((60u << 16) | 71u)
+#define CONNECTION_TUNE_OK ((10u << 16) | 31u)
+#define CHANNEL_OPEN ((20u << 16) | 10u)
+#define CHANNEL_CLOSE_OK ((20u << 16) | 41u)
+#define F_PUB 1
+#define F_INC 2
+
+static PyObject *s_st_buf, *s_body_left, *s_offset, *s_frames, *s_heartbeats, *s_c2s,
+    *s_limit, *s_flags, *s_rk, *s_shared, *s_rpc, *s_lean_tag, *s_lean_request, *s_lean_method;
+
+static int add_ll(PyObject *o, PyObject *name, long long d) {
+    if (d == 0) return 0;
+    long long v;
+    if (get_ll(o, name, &v) < 0) return -1;
+    PyObject *x = PyLong_FromLongLong(v + d);
+    if (x == NULL) return -1;
+    int rc = PyObject_SetAttr(o, name, x);
+    Py_DECREF(x);
+    return rc;
+}
+
+static int set_ll(PyObject *o, PyObject *name, long long v) {
+    PyObject *x = PyLong_FromLongLong(v);
+    if (x == NULL) return -1;
+    int rc = PyObject_SetAttr(o, name, x);
+    Py_DECREF(x);
+    return rc;
+}
+
+/* data[:upto] with the rewritten frames in parts (NULL: none) */
+static PyObject *spliced(PyObject *data, PyObject *parts, Py_ssize_t last, Py_ssize_t upto) {
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
+    if (parts == NULL) {
+        if (upto == n) return Py_NewRef(data);
+        return PyBytes_FromStringAndSize(PyBytes_AS_STRING(data), upto);
+    }
+    PyObject *tail = PyBytes_FromStringAndSize(PyBytes_AS_STRING(data) + last, upto - last);
+    if (tail == NULL || PyList_Append(parts, tail) < 0) {
+        Py_XDECREF(tail);
+        return NULL;
+    }
+    Py_DECREF(tail);
+    PyObject *empty = PyBytes_FromStringAndSize(NULL, 0);
+    if (empty == NULL) return NULL;
+    PyObject *r = _PyBytes_Join(empty, parts);
+    Py_DECREF(empty);
+    return r;
+}
+
+static int flag_get(PyObject *flags, long ch) {
+    PyObject *k = PyLong_FromLong(ch);
+    if (k == NULL) return -1;
+    PyObject *v = PyDict_GetItemWithError(flags, k);
+    Py_DECREF(k);
+    if (v == NULL) return PyErr_Occurred() ? -1 : 0;
+    return (int)PyLong_AsLong(v);
+}
+
+static int flag_set(PyObject *flags, long ch, int f) {
+    PyObject *k = PyLong_FromLong(ch);
+    if (k == NULL) return -1;
+    int rc;
+    if (f) {
+        PyObject *v = PyLong_FromLong(f);
+        if (v == NULL) {
+            Py_DECREF(k);
+            return -1;
+        }
+        rc = PyDict_SetItem(flags, k, v);
+        Py_DECREF(v);
+    } else {
+        rc = PyDict_DelItem(flags, k);
+        if (rc < 0 && PyErr_ExceptionMatches(PyExc_KeyError)) {
+            PyErr_Clear();
+            rc = 0;
+        }
+    }
+    Py_DECREF(k);
+    return rc;
+}
+
+static PyObject *lean_feed(PyObject *self, PyObject *args) {
+    PyObject *dec, *st, *chunk;
+    if (!PyArg_ParseTuple(args, "OOO!", &dec, &st, &PyBytes_Type, &chunk)) return NULL;
+    PyObject *data = NULL, *parts = NULL, *flags = NULL, *rks = NULL, *err = NULL, *res = NULL;
+    Py_ssize_t pos = 0, last = 0, n;
+    long long frames = 0, heartbeats = 0, limit, body_left;
+    int c2s;
+    {
+        PyObject *buf = PyObject_GetAttr(st, s_st_buf);
+        if (buf == NULL) return NULL;
+        if (!PyBytes_Check(buf)) {
+            Py_DECREF(buf);
+            PyErr_SetString(PyExc_TypeError, "stream buf must be bytes");
+            return NULL;
+        }
+        if (PyBytes_GET_SIZE(buf)) {
+            data = PyBytes_FromStringAndSize(NULL, PyBytes_GET_SIZE(buf) + PyBytes_GET_SIZE(chunk));
+            if (data == NULL) {
+                Py_DECREF(buf);
+                return NULL;
+            }
+            memcpy(PyBytes_AS_STRING(data), PyBytes_AS_STRING(buf), PyBytes_GET_SIZE(buf));
+            memcpy(PyBytes_AS_STRING(data) + PyBytes_GET_SIZE(buf), PyBytes_AS_STRING(chunk),
+                   PyBytes_GET_SIZE(chunk));
+            PyObject *e = PyBytes_FromStringAndSize(NULL, 0);
+            int rc = e ? PyObject_SetAttr(st, s_st_buf, e) : -1;
+            Py_XDECREF(e);
+            if (rc < 0) {
+                Py_DECREF(buf);
+                goto fail;
+            }
+        } else {
+            data = Py_NewRef(chunk);
+        }
+        Py_DECREF(buf);
+    }
+    n = PyBytes_GET_SIZE(data);
+    const unsigned char *d = (const unsigned char *)PyBytes_AS_STRING(data);
+    {
+        PyObject *v = PyObject_GetAttr(st, s_c2s);
+        if (v == NULL) goto fail;
+        c2s = PyObject_IsTrue(v);
+        Py_DECREF(v);
+    }
+    if (get_ll(st, s_body_left, &body_left) < 0) goto fail;
+    if (body_left) {
+        if (n < body_left) {
+            if (set_ll(st, s_body_left, body_left - n) < 0 || add_ll(st, s_offset, n) < 0)
+                goto fail;
+            res = Py_BuildValue("(OOi)", data, Py_None, 0);
+            goto done;
+        }
+        pos = (Py_ssize_t)body_left;
+        if (set_ll(st, s_body_left, 0) < 0) goto fail;
+        if (d[pos - 1] != 0xCE) {
+            err = PyUnicode_FromString("body frame does not end with 0xCE");
+            goto protoerr;
+        }
+    }
+    if (get_ll(dec, s_limit, &limit) < 0) goto fail;
+    flags = PyObject_GetAttr(dec, s_flags);
+    rks = flags ? PyObject_GetAttr(dec, s_rk) : NULL;
+    if (rks == NULL) goto fail;
+    if (!PyDict_Check(flags) || !PyDict_Check(rks)) {
+        PyErr_SetString(PyExc_TypeError, "_lean_flags and _lean_rk must be dicts");
+        goto fail;
+    }
+    while (n - pos >= 7) {
+        unsigned ftype = d[pos];
+        long ch = (long)(d[pos + 1] << 8 | d[pos + 2]);
+        unsigned long long size = (unsigned long long)d[pos + 3] << 24 | d[pos + 4] << 16 |
+                                  d[pos + 5] << 8 | d[pos + 6];
+        Py_ssize_t end = pos + 8 + (Py_ssize_t)size;
+        if (ftype == 3) {
+            if (end > n) {
+                if (set_ll(st, s_body_left, end - n) < 0) goto fail;
+                pos = n;
+                break;
+            }
+            if (d[end - 1] != 0xCE) {
+                err = PyUnicode_FromString("body frame does not end with 0xCE");
+                goto protoerr;
+            }
+            pos = end;
+            continue;
+        }
+        if (ftype == 1 || ftype == 2) {
+            if ((long long)size > limit) {
+                err = PyUnicode_FromFormat("frame of %llu bytes exceeds frame_max %lld", size, limit);
+                goto protoerr;
+            }
+        } else if (ftype == 8) {
+            if (size != 0 || ch != 0) {
+                err = PyUnicode_FromFormat("heartbeat frame with size %llu on channel %ld", size, ch);
+                goto protoerr;
+            }
+        } else {
+            err = PyUnicode_FromFormat("unknown frame type %u", ftype);
+            goto protoerr;
+        }
+        if (end > n) break;
+        if (d[end - 1] != 0xCE) {
+            err = PyUnicode_FromString("frame does not end with 0xCE");
+            goto protoerr;
+        }
+        frames++;
+        if (ftype == 1) {
+            if (size < 4) {
+                err = PyUnicode_FromString("method frame shorter than its class and method ids");
+                goto protoerr;
+            }
+            unsigned idx = (unsigned)d[pos + 7] << 24 | d[pos + 8] << 16 | d[pos + 9] << 8 | d[pos + 10];
+            if (!c2s) {
+                if (idx == BASIC_DELIVER || idx == BASIC_GET_OK) {
+                    int f = flag_get(flags, ch);
+                    if (f < 0 || flag_set(flags, ch, f | F_INC) < 0) goto fail;
+                }
+            } else if (idx == BASIC_PUBLISH) {
+                int f = flag_get(flags, ch);
+                if (f < 0) goto fail;
+                if (f & F_PUB) {
+                    err = PyUnicode_FromFormat(
+                        "Basic.Publish on channel %ld before the previous content ended", ch);
+                    goto protoerr;
+                }
+                if (flag_set(flags, ch, f | F_PUB) < 0) goto fail;
+                PyObject *key = PyLong_FromLong(ch);
+                if (key == NULL) goto fail;
+                int rpc = 0;
+                if (size >= 7 && d[pos + 13] == 0) { /* the default exchange */
+                    PyObject *sh = PyObject_GetAttr(dec, s_shared);
+                    PyObject *m = sh ? PyObject_GetAttr(sh, s_rpc) : NULL;
+                    Py_XDECREF(sh);
+                    rpc = m ? PyObject_IsTrue(m) : -1;
+                    Py_XDECREF(m);
+                    if (rpc < 0) {
+                        Py_DECREF(key);
+                        goto fail;
+                    }
+                }
+                int rc;
+                if (rpc) {
+                    Py_ssize_t start = pos + 15, stop = start + d[pos + 14];
+                    PyObject *rk = PyUnicode_DecodeUTF8((const char *)d + start,
+                                                        (stop <= n ? stop : n) - start, "replace");
+                    rc = rk ? PyDict_SetItem(rks, key, rk) : -1;
+                    Py_XDECREF(rk);
+                } else {
+                    rc = PyDict_DelItem(rks, key);
+                    if (rc < 0 && PyErr_ExceptionMatches(PyExc_KeyError)) {
+                        PyErr_Clear();
+                        rc = 0;
+                    }
+                }
+                Py_DECREF(key);
+                if (rc < 0) goto fail;
+            } else if (idx == CONNECTION_TUNE_OK || idx == CHANNEL_OPEN || idx == CHANNEL_CLOSE_OK) {
+                PyObject *r = PyObject_CallMethod(dec, "_lean_method", "OlOnnk", st, ch, data,
+                                                  pos + 7, end - 1, (unsigned long)idx);
+                if (r == NULL) goto cberr;
+                limit = PyLong_AsLongLong(r);
+                Py_DECREF(r);
+                if (limit == -1 && PyErr_Occurred()) goto fail;
+                if (idx == CHANNEL_CLOSE_OK && flag_set(flags, ch, 0) < 0) goto fail;
+            }
+        } else if (ftype == 2) {
+            int f = flag_get(flags, ch);
+            if (f < 0) goto fail;
+            if (!c2s && (f & F_INC)) {
+                if (flag_set(flags, ch, f & ~F_INC) < 0) goto fail;
+                PyObject *r = PyObject_CallMethod(dec, "_lean_request", "Onn", data, pos + 7, end - 1);
+                if (r == NULL) goto cberr;
+                Py_DECREF(r);
+            } else if (c2s && (f & F_PUB)) {
+                if (flag_set(flags, ch, f & ~F_PUB) < 0) goto fail;
+                PyObject *key = PyLong_FromLong(ch);
+                if (key == NULL) goto fail;
+                PyObject *rk = PyDict_GetItemWithError(rks, key); /* borrowed */
+                Py_DECREF(key);
+                if (rk == NULL && PyErr_Occurred()) goto fail;
+                PyObject *r = PyObject_CallMethod(dec, "_lean_tag", "OnnO", data, pos + 7, end - 1,
+                                                  rk ? rk : Py_None);
+                if (r == NULL) goto cberr;
+                if (r != Py_None) {
+                    if (parts == NULL && (parts = PyList_New(0)) == NULL) {
+                        Py_DECREF(r);
+                        goto fail;
+                    }
+                    PyObject *before = PyBytes_FromStringAndSize((const char *)d + last, pos - last);
+                    int rc = before ? PyList_Append(parts, before) : -1;
+                    Py_XDECREF(before);
+                    if (rc < 0 || PyList_Append(parts, r) < 0) {
+                        Py_DECREF(r);
+                        goto fail;
+                    }
+                    last = end;
+                }
+                Py_DECREF(r);
+            }
+        } else {
+            heartbeats++;
+        }
+        pos = end;
+    }
+    if (add_ll(dec, s_frames, frames) < 0 || add_ll(dec, s_heartbeats, heartbeats) < 0) goto fail;
+    if (pos < n) {
+        PyObject *rest = PyBytes_FromStringAndSize((const char *)d + pos, n - pos);
+        int rc = rest ? PyObject_SetAttr(st, s_st_buf, rest) : -1;
+        Py_XDECREF(rest);
+        if (rc < 0) goto fail;
+    }
+    if (add_ll(st, s_offset, pos) < 0) goto fail;
+    {
+        PyObject *out = spliced(data, parts, last, pos);
+        if (out == NULL) goto fail;
+        res = Py_BuildValue("(NOi)", out, Py_None, 0);
+    }
+    goto done;
+cberr:
+    /* an exception from a callback (a malformed header, say): a protocol error, as the
+     * Python loop's except clause makes it */
+    {
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        PyErr_NormalizeException(&et, &ev, &tb);
+        err = ev ? PyObject_Str(ev) : PyUnicode_FromString("error");
+        Py_XDECREF(et);
+        Py_XDECREF(ev);
+        Py_XDECREF(tb);
+        if (err == NULL) goto fail;
+    }
+protoerr:
+    if (err == NULL) goto fail;
+    add_ll(dec, s_frames, frames);
+    add_ll(dec, s_heartbeats, heartbeats);
+    {
+        PyObject *out = spliced(data, parts, last, n);
+        if (out == NULL) goto fail;
+        res = Py_BuildValue("(NNnO)", out, err, pos, data);
+        err = NULL;
+    }
+    goto done;
+fail:
+    res = NULL;
+done:
+    Py_XDECREF(err);
+    Py_XDECREF(parts);
+    Py_XDECREF(flags);
+    Py_XDECREF(rks);
+    Py_XDECREF(data);
+    return res;
+}
+
+static PyMethodDef module_methods[] = {
+    {"lean_feed", lean_feed, METH_VARARGS,
+     "lean_feed(decoder, stream, data) -> (out, None, 0) | (out, error, pos, data)"},
+    {NULL},
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "sniff._shipper", "The per-chunk copy of capture-mode relays, in C.",
-    -1, NULL,
+    -1, module_methods,
 };
 
 PyMODINIT_FUNC PyInit__shipper(void) {
@@ -413,6 +772,24 @@ PyMODINIT_FUNC PyInit__shipper(void) {
     s_raw_out = PyUnicode_InternFromString("raw_out");
     s_max = PyUnicode_InternFromString("max_raw_bytes");
     if (!s_buf || !s_raw_in || !s_raw_out || !s_max) return NULL;
+    s_st_buf = PyUnicode_InternFromString("buf");
+    s_body_left = PyUnicode_InternFromString("body_left");
+    s_offset = PyUnicode_InternFromString("offset");
+    s_frames = PyUnicode_InternFromString("frames");
+    s_heartbeats = PyUnicode_InternFromString("heartbeats");
+    s_c2s = PyUnicode_InternFromString("c2s");
+    s_limit = PyUnicode_InternFromString("_frame_limit");
+    s_flags = PyUnicode_InternFromString("_lean_flags");
+    s_rk = PyUnicode_InternFromString("_lean_rk");
+    s_shared = PyUnicode_InternFromString("_shared");
+    s_rpc = PyUnicode_InternFromString("rpc");
+    s_lean_tag = PyUnicode_InternFromString("_lean_tag");
+    s_lean_request = PyUnicode_InternFromString("_lean_request");
+    s_lean_method = PyUnicode_InternFromString("_lean_method");
+    if (!s_st_buf || !s_body_left || !s_offset || !s_frames || !s_heartbeats || !s_c2s ||
+        !s_limit || !s_flags || !s_rk || !s_shared || !s_rpc || !s_lean_tag ||
+        !s_lean_request || !s_lean_method)
+        return NULL;
     if (getrandom(rng, sizeof rng, 0) != (ssize_t)sizeof rng) {
         PyErr_SetString(PyExc_OSError, "getrandom failed");
         return NULL;

@@ -26,6 +26,7 @@ into passthrough: held bytes are released unchanged and nothing is decoded again
 
 from __future__ import annotations
 
+import os
 import struct
 import time
 from collections import OrderedDict, deque
@@ -53,6 +54,12 @@ from proxies.amqp.rewrite import (
 )
 from sniff import ids
 from sniff.events import ConnIdentity, Event, Note, ProtocolError
+
+try:  # the lean loop in C (sniff/_shipper.c), when built
+    from sniff._shipper import lean_feed as _lean_feed
+except ImportError:
+    _lean_feed = None  # type: ignore[assignment]
+_PURE = os.environ.get("SNIFF_PURE_PYTHON") == "1"
 
 PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
 
@@ -295,6 +302,10 @@ class AmqpDecoder:
         self.frame_max = 0  # negotiated (Tune-Ok); 0 = not yet / unlimited
         self._frame_limit = PRE_TUNE_FRAME_LIMIT
         self._chans: dict[int, _Chan] = {}
+        # the C lean loop's per-channel state (see _feed_lean): a publish (1) or delivery
+        # (2) awaiting its content header; a publish's routing key to the default exchange
+        self._lean_flags: dict[int, int] = {}
+        self._lean_rk: dict[int, str] = {}
         self._consumers: dict[tuple[int, str], tuple[str, bool]] = {}
         self.frames = 0
         self.heartbeats = 0
@@ -428,7 +439,17 @@ class AmqpDecoder:
         framed just enough to tag each publish's content header, the broker's just
         enough to note RPC requests, everything else forwarded as it came (the
         capture process decodes and checks a copy). Returns the client bytes to
-        forward now (a partial non-body frame is held back)."""
+        forward now (a partial non-body frame is held back).
+
+        The loop runs in C (``sniff._shipper.lean_feed``) when that is built, calling
+        back ``_lean_tag``, ``_lean_request`` and ``_lean_method``; this Python loop is
+        its reference and fallback (``SNIFF_PURE_PYTHON=1``), and the tests run both."""
+        if _lean_feed is not None and st.started and not _PURE:
+            r = _lean_feed(self, st, data)
+            if r[1] is not None:
+                self._fail(st, r[3], r[2], r[1])
+            out: bytes = r[0]
+            return out
         c2s = st.c2s
         if st.buf:
             data = st.buf + data
@@ -529,6 +550,12 @@ class AmqpDecoder:
             st.buf = data[pos:]
         st.offset += pos
         return _spliced(data, parts, last, pos)
+
+    def _lean_method(self, st: _Stream, ch: int, p: bytes, start: int, end: int, idx: int) -> int:
+        """A method that changes the lean framing (Tune-Ok, Channel.Open/Close-Ok); the new
+        frame limit (for the C loop)."""
+        self._generic_method(st, ch, p, start, end, idx, 0)
+        return self._frame_limit
 
     def _lean_tag(self, p: bytes, start: int, end: int, rk: str | None) -> bytes | None:
         """The content header ``p[start:end]`` of a publish with a fresh traceparent
