@@ -32,4 +32,9 @@ fi
 echo "setup: installing sniff and its test dependencies into .venv"
 .venv/bin/python -m pip install -q -e ".[test,dev]" 2>&1 | grep -v -E "^WARNING: Location|^ *$" || true
 .venv/bin/python -c "import sniff, proxies, correlate, exporters" || { echo "setup: install failed" >&2; exit 1; }
+if .venv/bin/python -c "import sniff._shipper" 2>/dev/null; then
+  echo "setup: the C relay extension (sniff/_shipper.c) is built"
+else
+  echo "setup: warning: the C relay extension did not build (is gcc there?); sniff runs its slower pure-Python path" >&2
+fi
 echo "setup: ready (.venv/bin/sniff)"

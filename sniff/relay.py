@@ -202,6 +202,9 @@ except ImportError:  # no C compiler at install: the same protocol in Python, sl
             pass
 
 
+HAVE_C = _Shipper is not None  # the C relay extension is built (sniff run warns if not)
+
+
 class _Side(_TeeBase, asyncio.Protocol):
     """One socket of a relayed connection; all logic lives in RelayConnection.
     ``data_received`` (from the base) calls ``slow``, the connection's ``from_server``

@@ -164,5 +164,12 @@ class Runtime:
 def run(cfg: Config) -> int:
     loop_kind = install_uvloop()
     log.debug("event loop: %s", loop_kind)
+    from sniff import relay
+
+    if not relay.HAVE_C:
+        log.warning(
+            "the C relay extension (sniff/_shipper.c) is not built: relaying on the slower "
+            "pure-Python path; reinstall sniff with a C compiler present (scripts/setup.sh)"
+        )
     rt = Runtime(cfg)
     return asyncio.run(rt.serve())
