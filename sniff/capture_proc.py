@@ -20,13 +20,15 @@ then fills and further events are dropped and counted. The child
 a :class:`sniff.store.Recorder`.
 
 Frames on the pipe: ``length:4 type:1 payload``; ``C`` config (JSON, first),
-``E`` a batch (pickled list of ``(kind, field values)``), ``Q`` quit (JSON: dropped count).
+``E`` a batch (pickled list of ``(kind, field values)``), ``R`` a buffer of raw chunks as
+``emit_raw`` wrote it (not pickled), ``Q`` quit (JSON: dropped count).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
 import pickle
@@ -50,6 +52,7 @@ from sniff.events import Event, RawChunk, event_class
 log = logging.getLogger("sniff.capture")
 
 _HDR = struct.Struct(">IB")
+_E, _R = ord("E"), ord("R")  # frame types: pickled events; a raw-chunk buffer as is
 # A raw chunk in a shipped buffer: ts, conn, direction, length, then the bytes
 _RAW = struct.Struct("<qqBI")
 _BLOB = "core.raw*"  # a batch item holding such a buffer
@@ -102,6 +105,8 @@ class CaptureShipper:
         )
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._pipe: IO[bytes] = self.proc.stdin
+        with contextlib.suppress(OSError, AttributeError):  # fewer wake-ups per batch (Linux)
+            fcntl.fcntl(self._pipe.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
         self._pipe.write(_frame(b"C", orjson.dumps(settings)))
         self._pipe.flush()
         ready = self.proc.stdout.readline()
@@ -223,14 +228,20 @@ class CaptureShipper:
             batch = [q.popleft() for _ in range(n)]
             try:
                 getters = self._getters
-                rows = []
+                rows: list[Any] = []
                 raw = 0
                 for ev in batch:
                     if ev.__class__ is tuple:  # already (kind, values): emit_fields, emit_raw
+                        if ev[0] is _BLOB:  # raw chunks: their own frame, not pickled
+                            self._send_events(rows)
+                            rows = []
+                            blob = ev[1][0]
+                            self._pipe.write(_HDR.pack(len(blob), _R))
+                            self._pipe.write(blob)
+                            raw += len(blob)
+                            continue
                         rows.append(ev)
-                        if ev[0] is _BLOB:
-                            raw += len(ev[1][0])
-                        elif ev[0] == "core.raw":
+                        if ev[0] == "core.raw":
                             raw += len(ev[1][3]) + _RAW.size
                         continue
                     g = getters.get(ev.__class__)
@@ -239,8 +250,7 @@ class CaptureShipper:
                             *(f.name for f in dataclasses.fields(ev))
                         )
                     rows.append((ev.kind, g(ev)))
-                payload = pickle.dumps(rows, protocol=5)
-                self._pipe.write(_frame(b"E", payload))
+                self._send_events(rows)
                 self._pipe.flush()
                 self.shipped += n
                 self.raw_out += raw
@@ -256,6 +266,12 @@ class CaptureShipper:
             except Exception:
                 log.exception("capture: could not serialise %d events", n)
                 self.dropped += n
+
+    def _send_events(self, rows: list[Any]) -> None:
+        if rows:
+            payload = pickle.dumps(rows, protocol=5)
+            self._pipe.write(_HDR.pack(len(payload), _E))
+            self._pipe.write(payload)
 
     def close(self, timeout: float = 120.0) -> None:
         self._stop.set()
@@ -287,7 +303,7 @@ class CaptureShipper:
 # --- the child ------------------------------------------------------------------------------
 
 
-def _unpack_raw(buf: bytearray, out: list[Event]) -> None:
+def _unpack_raw(buf: bytes | bytearray, out: list[Event]) -> None:
     """The raw chunks of one shipped buffer (see ``CaptureShipper.emit_raw``). A record
     whose direction byte has bit 7 set carries a bytes ``meta`` after its data (4-byte
     length, bytes): the C ``Shipper.tag_head`` writes the traceparent line it added so."""
@@ -363,6 +379,7 @@ class _Inbox:
                     self._on_open(opens)
             elif kind == ord("Q"):
                 self.closing.set()
+            # "R": a raw-chunk buffer, decoded by the main loop as it is
             self.received += len(payload)
             self.items.put((kind, body, time.monotonic(), len(payload)))
 
@@ -497,18 +514,21 @@ def main() -> int:
         if item is None:
             break
         kind, body, received, size = item
-        if kind == ord("E"):
+        if kind in (_E, _R):
             while gate.hold(received, inbox.backlog, inbox.closing.is_set()):
                 time.sleep(0.05)
                 gate.held += 0.05
             batch: list[Event] = []
-            for k, values in body:
-                if k == _BLOB:
-                    _unpack_raw(values[0], batch)
-                    continue
-                cls = event_class(k)
-                if cls is not None:
-                    batch.append(cls(*values))
+            if kind == _R:
+                _unpack_raw(body, batch)
+            else:
+                for k, values in body:
+                    if k == _BLOB:
+                        _unpack_raw(values[0], batch)
+                        continue
+                    cls = event_class(k)
+                    if cls is not None:
+                        batch.append(cls(*values))
             rec.process(batch)
         elif kind == ord("Q"):
             dropped = int(orjson.loads(body).get("dropped", 0))
