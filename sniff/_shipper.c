@@ -54,57 +54,61 @@ static int get_ll(PyObject *owner, PyObject *name, long long *out) {
     return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
 }
 
-static PyObject *ship(Shipper *self, PyObject *data) {
-    if (self->gap) Py_RETURN_NONE;
-    Py_buffer view;
-    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) return NULL;
-    if (view.len == 0) {
-        PyBuffer_Release(&view);
-        Py_RETURN_NONE;
-    }
-    long long n = (long long)view.len + HDR, in, out, max;
-    if (get_ll(self->owner, s_raw_in, &in) < 0 || get_ll(self->owner, s_raw_out, &out) < 0 ||
-        get_ll(self->owner, s_max, &max) < 0) {
-        PyBuffer_Release(&view);
-        return NULL;
-    }
-    if (in - out + n > max || view.len > 0xffffffffLL) {
-        PyBuffer_Release(&view);
-        self->gap = 1;
-        return PyObject_CallOneArg(self->slow, data);
-    }
-    PyObject *buf = PyObject_GetAttr(self->owner, s_buf);
-    if (buf == NULL) {
-        PyBuffer_Release(&view);
-        return NULL;
-    }
+/* Append one record (the 21-byte header, the data, and with meta its 4-byte length and
+ * bytes, direction bit 7 set) to owner._buf and count it in owner.raw_in. Returns 1 when
+ * appended, 0 when over budget (nothing done), -1 on error. */
+static int append_record(PyObject *owner, long long conn, int direction, const char *data,
+                         Py_ssize_t n, const char *meta, Py_ssize_t mlen) {
+    long long rec = HDR + (long long)n + (meta ? 4 + (long long)mlen : 0), in, out, max;
+    if (get_ll(owner, s_raw_in, &in) < 0 || get_ll(owner, s_raw_out, &out) < 0 ||
+        get_ll(owner, s_max, &max) < 0)
+        return -1;
+    if (in - out + rec > max || n > 0xffffffffLL) return 0;
+    PyObject *buf = PyObject_GetAttr(owner, s_buf);
+    if (buf == NULL) return -1;
     if (!PyByteArray_Check(buf)) {
         Py_DECREF(buf);
-        PyBuffer_Release(&view);
         PyErr_SetString(PyExc_TypeError, "owner._buf must be a bytearray");
-        return NULL;
+        return -1;
     }
     Py_ssize_t old = PyByteArray_GET_SIZE(buf);
-    if (PyByteArray_Resize(buf, old + (Py_ssize_t)n) < 0) {
+    if (PyByteArray_Resize(buf, old + (Py_ssize_t)rec) < 0) {
         Py_DECREF(buf);
-        PyBuffer_Release(&view);
-        return NULL;
+        return -1;
     }
     char *p = PyByteArray_AS_STRING(buf) + old;
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     put_le(p, (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec, 8);
-    put_le(p + 8, (uint64_t)self->conn, 8);
-    p[16] = (char)self->direction;
-    put_le(p + 17, (uint64_t)view.len, 4);
-    memcpy(p + HDR, view.buf, (size_t)view.len);
+    put_le(p + 8, (uint64_t)conn, 8);
+    p[16] = (char)(direction | (meta ? 0x80 : 0));
+    put_le(p + 17, (uint64_t)n, 4);
+    memcpy(p + HDR, data, (size_t)n);
+    if (meta) {
+        put_le(p + HDR + n, (uint64_t)mlen, 4);
+        memcpy(p + HDR + n + 4, meta, (size_t)mlen);
+    }
     Py_DECREF(buf);
-    PyBuffer_Release(&view);
-    PyObject *v = PyLong_FromLongLong(in + n);
-    if (v == NULL) return NULL;
-    int rc = PyObject_SetAttr(self->owner, s_raw_in, v);
+    PyObject *v = PyLong_FromLongLong(in + rec);
+    if (v == NULL) return -1;
+    int rc = PyObject_SetAttr(owner, s_raw_in, v);
     Py_DECREF(v);
+    return rc < 0 ? -1 : 1;
+}
+
+static PyObject *ship(Shipper *self, PyObject *data) {
+    if (self->gap) Py_RETURN_NONE;
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) return NULL;
+    int rc = view.len ? append_record(self->owner, self->conn, self->direction, view.buf,
+                                      view.len, NULL, 0)
+                      : 1;
+    PyBuffer_Release(&view);
     if (rc < 0) return NULL;
+    if (rc == 0) {
+        self->gap = 1;
+        return PyObject_CallOneArg(self->slow, data);
+    }
     Py_RETURN_NONE;
 }
 
@@ -155,11 +159,6 @@ static PyObject *Shipper_tag_head(Shipper *self, PyObject *data) {
     const char *src = PyBytes_AS_STRING(data);
     if (self->gap || n < 4 || memcmp(src + n - 4, "\r\n\r\n", 4) != 0) Py_RETURN_NONE;
     Py_ssize_t outn = n - 2 + LINE_LEN;
-    long long rec = HDR + (long long)outn + 4 + LINE_LEN, in, out, max;
-    if (get_ll(self->owner, s_raw_in, &in) < 0 || get_ll(self->owner, s_raw_out, &out) < 0 ||
-        get_ll(self->owner, s_max, &max) < 0)
-        return NULL;
-    if (in - out + rec > max) Py_RETURN_NONE; /* the Python path records the gap */
     PyObject *res = PyBytes_FromStringAndSize(NULL, outn);
     if (res == NULL) return NULL;
     char *o = PyBytes_AS_STRING(res);
@@ -171,36 +170,12 @@ static PyObject *Shipper_tag_head(Shipper *self, PyObject *data) {
     line[48] = '-';
     hex64(line + 49, next_rand() | 1);
     memcpy(line + 65, "-01\r\n\r\n", 7);
-    PyObject *buf = PyObject_GetAttr(self->owner, s_buf);
-    if (buf == NULL) {
+    int rc = append_record(self->owner, self->conn, self->direction, o, outn, line, LINE_LEN);
+    if (rc <= 0) {
         Py_DECREF(res);
-        return NULL;
+        if (rc < 0) return NULL;
+        Py_RETURN_NONE; /* over budget: the Python path records the gap */
     }
-    Py_ssize_t old = PyByteArray_GET_SIZE(buf);
-    if (!PyByteArray_Check(buf) || PyByteArray_Resize(buf, old + (Py_ssize_t)rec) < 0) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "owner._buf must be a bytearray");
-        Py_DECREF(buf);
-        Py_DECREF(res);
-        return NULL;
-    }
-    char *p = PyByteArray_AS_STRING(buf) + old;
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    put_le(p, (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec, 8);
-    put_le(p + 8, (uint64_t)self->conn, 8);
-    p[16] = (char)(self->direction | 0x80);
-    put_le(p + 17, (uint64_t)outn, 4);
-    memcpy(p + HDR, o, (size_t)outn);
-    put_le(p + HDR + outn, LINE_LEN, 4);
-    memcpy(p + HDR + outn + 4, line, LINE_LEN);
-    Py_DECREF(buf);
-    PyObject *v = PyLong_FromLongLong(in + rec);
-    if (v == NULL || PyObject_SetAttr(self->owner, s_raw_in, v) < 0) {
-        Py_XDECREF(v);
-        Py_DECREF(res);
-        return NULL;
-    }
-    Py_DECREF(v);
     return res;
 }
 

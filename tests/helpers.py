@@ -84,7 +84,10 @@ class SniffProcess:
             p = dict(p)
             p.setdefault("listen", f"127.0.0.1:{free_port()}")
             self.proxies.append(p)
-        cfg: dict[str, Any] = {"capture": self.capture, "proxy": self.proxies}
+        # Tests that read events while sniff runs must not wait for idle CPU for the default
+        # 30 s (a busy test machine makes the capture process defer decoding): 2 s here. The
+        # deferral itself is tested with the default (tests/integration/test_capture_defer.py).
+        cfg: dict[str, Any] = {"capture": self.capture, "proxy": self.proxies, "capture_defer": 2}
         cfg.update(top)
         self.config_path = tmp / f"sniff-{time.monotonic_ns()}.toml"
         self.config_path.write_text(to_toml(cfg))
