@@ -115,9 +115,11 @@ def nginx(tmp: Path, name: str, workers: str, upstream_port: int | None) -> Proc
     return Proc(p, port, name)
 
 
-def sniff(tmp: Path, name: str, upstream_port: int, **opts: Any) -> Proc:
+def sniff(
+    tmp: Path, name: str, upstream_port: int, capture_defer: float | None = None, **opts: Any
+) -> Proc:
     port = free_port()
-    cfg = {
+    cfg: dict[str, Any] = {
         "capture": str(tmp / f"{name}.db"),
         "log_level": "warning",
         "proxy": [
@@ -131,6 +133,8 @@ def sniff(tmp: Path, name: str, upstream_port: int, **opts: Any) -> Proc:
             }
         ],
     }
+    if capture_defer is not None:
+        cfg["capture_defer"] = capture_defer
     path = tmp / f"{name}.toml"
     path.write_text(to_toml(cfg))
     p = subprocess.Popen(
@@ -217,6 +221,12 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="3 s runs")
     ap.add_argument("--no-mitmproxy", action="store_true", help="skip the mitmproxy path")
     ap.add_argument("--no-inline", action="store_true", help='skip decode = "inline"')
+    ap.add_argument(
+        "--capture-defer",
+        type=float,
+        default=None,
+        help="sniff's capture_defer (default: sniff's own, 30 s; 0 decodes at once)",
+    )
     args = ap.parse_args()
     duration = 3.0 if args.quick else args.duration
     if args.quick:
@@ -237,7 +247,7 @@ def main() -> int:
         plain_port = free_port()
         plain = start_plain_relay(plain_port, "127.0.0.1", up.port)
         paths["plain-relay"] = plain_port
-        fast = sniff(tmp, "sniff", up.port)
+        fast = sniff(tmp, "sniff", up.port, capture_defer=args.capture_defer)
         procs.append(fast)
         paths["sniff"] = fast.port
         inline = None
