@@ -20,6 +20,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -406,6 +407,21 @@ static PyTypeObject TeeType = {
 static PyObject *s_st_buf, *s_body_left, *s_offset, *s_frames, *s_heartbeats, *s_c2s,
     *s_limit, *s_flags, *s_rk, *s_shared, *s_rpc, *s_lean_tag, *s_lean_request, *s_lean_method;
 
+/* o.name(*Py_BuildValue(fmt, ...)) with an interned name: the callbacks run per content
+ * header, so the name is not rebuilt from a C string each time. fmt builds a tuple. */
+static PyObject *call_named(PyObject *o, PyObject *name, const char *fmt, ...) {
+    va_list va;
+    va_start(va, fmt);
+    PyObject *args = Py_VaBuildValue(fmt, va);
+    va_end(va);
+    if (args == NULL) return NULL;
+    PyObject *m = PyObject_GetAttr(o, name);
+    PyObject *r = m ? PyObject_Call(m, args, NULL) : NULL;
+    Py_XDECREF(m);
+    Py_DECREF(args);
+    return r;
+}
+
 static int add_ll(PyObject *o, PyObject *name, long long d) {
     if (d == 0) return 0;
     long long v;
@@ -634,7 +650,7 @@ static PyObject *lean_feed(PyObject *self, PyObject *args) {
                 Py_DECREF(key);
                 if (rc < 0) goto fail;
             } else if (idx == CONNECTION_TUNE_OK || idx == CHANNEL_OPEN || idx == CHANNEL_CLOSE_OK) {
-                PyObject *r = PyObject_CallMethod(dec, "_lean_method", "OlOnnk", st, ch, data,
+                PyObject *r = call_named(dec, s_lean_method, "(OlOnnk)", st, ch, data,
                                                   pos + 7, end - 1, (unsigned long)idx);
                 if (r == NULL) goto cberr;
                 limit = PyLong_AsLongLong(r);
@@ -647,7 +663,7 @@ static PyObject *lean_feed(PyObject *self, PyObject *args) {
             if (f < 0) goto fail;
             if (!c2s && (f & F_INC)) {
                 if (flag_set(flags, ch, f & ~F_INC) < 0) goto fail;
-                PyObject *r = PyObject_CallMethod(dec, "_lean_request", "Onn", data, pos + 7, end - 1);
+                PyObject *r = call_named(dec, s_lean_request, "(Onn)", data, pos + 7, end - 1);
                 if (r == NULL) goto cberr;
                 Py_DECREF(r);
             } else if (c2s && (f & F_PUB)) {
@@ -657,7 +673,7 @@ static PyObject *lean_feed(PyObject *self, PyObject *args) {
                 PyObject *rk = PyDict_GetItemWithError(rks, key); /* borrowed */
                 Py_DECREF(key);
                 if (rk == NULL && PyErr_Occurred()) goto fail;
-                PyObject *r = PyObject_CallMethod(dec, "_lean_tag", "OnnO", data, pos + 7, end - 1,
+                PyObject *r = call_named(dec, s_lean_tag, "(OnnO)", data, pos + 7, end - 1,
                                                   rk ? rk : Py_None);
                 if (r == NULL) goto cberr;
                 if (r != Py_None) {

@@ -61,7 +61,6 @@ try:  # the same append in C (sniff/_shipper.c), built by pip when a compiler is
 except ImportError:
     _CShipper = None  # type: ignore[assignment,misc]
 _PURE = os.environ.get("SNIFF_PURE_PYTHON") == "1"  # force the Python path (tests, debugging)
-_XNOSHIP = bool(os.environ.get("XNOSHIP"))  # a batch item holding such a buffer
 MAX_BATCH = 20_000
 
 
