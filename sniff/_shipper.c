@@ -275,11 +275,16 @@ typedef struct {
     PyObject *write;   /* the other transport's bound write, in fast mode */
     PyObject *ship;    /* a Shipper, in fast mode */
     long long nbytes;  /* bytes forwarded in fast mode */
+    PyObject *dec;     /* lean mode (see tee_lean): the AMQP decoder */
+    PyObject *st;      /* ... and its stream for this socket's bytes */
+    int rewrite;       /* ... the client's side (tagged) or the broker's (scanned) */
 } Tee;
 
 static PyTypeObject ShipperType;
+static PyObject *tee_lean(Tee *self, PyObject *data);
 
 static PyObject *Tee_data_received(Tee *self, PyObject *data) {
+    if (self->dec != NULL) return tee_lean(self, data);
     if (self->write == NULL) {
         if (self->slow == NULL) {
             PyErr_SetString(PyExc_RuntimeError, "Tee: no slow path set");
@@ -308,9 +313,24 @@ static PyObject *Tee_set_fast(Tee *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *Tee_set_lean(Tee *self, PyObject *args) {
+    PyObject *write, *shipper, *dec, *st;
+    int rewrite;
+    if (!PyArg_ParseTuple(args, "OO!OOp", &write, &ShipperType, &shipper, &dec, &st, &rewrite))
+        return NULL;
+    Py_XSETREF(self->write, Py_NewRef(write));
+    Py_XSETREF(self->ship, Py_NewRef(shipper));
+    Py_XSETREF(self->dec, Py_NewRef(dec));
+    Py_XSETREF(self->st, Py_NewRef(st));
+    self->rewrite = rewrite;
+    Py_RETURN_NONE;
+}
+
 static PyObject *Tee_fast_off(Tee *self, PyObject *unused) {
     Py_CLEAR(self->write);
     Py_CLEAR(self->ship);
+    Py_CLEAR(self->dec);
+    Py_CLEAR(self->st);
     Py_RETURN_NONE;
 }
 
@@ -318,6 +338,8 @@ static int Tee_traverse(Tee *self, visitproc visit, void *arg) {
     Py_VISIT(self->slow);
     Py_VISIT(self->write);
     Py_VISIT(self->ship);
+    Py_VISIT(self->dec);
+    Py_VISIT(self->st);
     return 0;
 }
 
@@ -325,6 +347,8 @@ static int Tee_clear(Tee *self) {
     Py_CLEAR(self->slow);
     Py_CLEAR(self->write);
     Py_CLEAR(self->ship);
+    Py_CLEAR(self->dec);
+    Py_CLEAR(self->st);
     return 0;
 }
 
@@ -350,9 +374,13 @@ static PyObject *Tee_get_nbytes(Tee *self, void *c) { return PyLong_FromLongLong
 
 static PyObject *Tee_get_fast(Tee *self, void *c) { return PyBool_FromLong(self->write != NULL); }
 
+static PyObject *Tee_get_lean(Tee *self, void *c) { return PyBool_FromLong(self->dec != NULL); }
+
 static PyMethodDef Tee_methods[] = {
     {"data_received", (PyCFunction)Tee_data_received, METH_O, "asyncio.Protocol.data_received"},
     {"set_fast", (PyCFunction)Tee_set_fast, METH_VARARGS, "set_fast(write, shipper)"},
+    {"set_lean", (PyCFunction)Tee_set_lean, METH_VARARGS,
+     "set_lean(write, shipper, decoder, stream, rewrite): the AMQP lean mode"},
     {"fast_off", (PyCFunction)Tee_fast_off, METH_NOARGS, "back to slow mode"},
     {NULL},
 };
@@ -360,7 +388,8 @@ static PyMethodDef Tee_methods[] = {
 static PyGetSetDef Tee_getset[] = {
     {"slow", (getter)Tee_get_slow, (setter)Tee_set_slow, "slow-mode callable(data)", NULL},
     {"nbytes", (getter)Tee_get_nbytes, NULL, "bytes forwarded in fast mode", NULL},
-    {"fast", (getter)Tee_get_fast, NULL, "whether fast mode is on", NULL},
+    {"fast", (getter)Tee_get_fast, NULL, "whether fast mode (plain or lean) is on", NULL},
+    {"lean", (getter)Tee_get_lean, NULL, "whether the AMQP lean mode is on", NULL},
     {NULL},
 };
 
@@ -493,9 +522,293 @@ static int flag_set(PyObject *flags, long ch, int f) {
     return rc;
 }
 
-static PyObject *lean_feed(PyObject *self, PyObject *args) {
-    PyObject *dec, *st, *chunk;
-    if (!PyArg_ParseTuple(args, "OOO!", &dec, &st, &PyBytes_Type, &chunk)) return NULL;
+/* ---- content headers in C: the lean loop's tag and RPC-request note ----------------------
+ *
+ * The relay's per-message Python work in capture mode was the two content-header callbacks:
+ * _lean_tag (a publish gains a traceparent) and _lean_request (a delivered RPC request gets
+ * the ids its reply will continue). On the RPC benchmark they were about a third of the
+ * relay's own CPU. Here both run in C for the headers clients actually send: a Basic
+ * header with one flag word, well formed, and either no traceparent or sniff's own (the
+ * headers table's first entry, a canonical version-00 value). Anything else (another
+ * class, continuation flags, a malformed header, an application's traceparent elsewhere in
+ * the table, a frame that would outgrow frame_max) goes to the Python callbacks, untouched,
+ * so errors and odd cases keep one implementation. The ids come from xoshiro256** (as
+ * tag_head's) unless the decoder was given its own id functions (tests): then those are
+ * called, in the Python callbacks' order, so the differential tests cover this code too.
+ * The shared RPC map is reached through two small Python methods (_lean_take,
+ * _lean_remember), which also read the decoder's clock.
+ */
+#define NO_C 1 /* for the Python path */
+
+typedef struct {
+    Py_ssize_t hs, he; /* the headers table [hs, he), length included; absent: hs == he, its place */
+    int has_headers;
+    Py_ssize_t corr, corr_n; /* correlation_id's bytes (corr < 0: absent) */
+    Py_ssize_t rto, rto_n;   /* reply_to's bytes */
+} chdr;
+
+static const char NEEDLE[] = "\x0btraceparent"; /* 12 bytes: a table key's length and name */
+#define NEEDLE_LEN 12
+#define ENTRY_LEN 72 /* NEEDLE, 'S', 4-byte length, 55-byte version-00 value */
+
+static inline uint32_t be32(const unsigned char *p) {
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+static inline void put_be32(unsigned char *p, uint32_t v) {
+    p[0] = (unsigned char)(v >> 24);
+    p[1] = (unsigned char)(v >> 16);
+    p[2] = (unsigned char)(v >> 8);
+    p[3] = (unsigned char)v;
+}
+
+/* Walk the Basic content-header payload d[start:end] as
+ * proxies.amqp.rewrite.parse_content_header does; NO_C for anything it would not accept
+ * or that is not class 60 with one flag word. */
+static int parse_basic_header(const unsigned char *d, Py_ssize_t start, Py_ssize_t end, chdr *h) {
+    if (end - start < 14 || (d[start] << 8 | d[start + 1]) != 60) return NO_C;
+    unsigned flags = (unsigned)d[start + 12] << 8 | d[start + 13];
+    if (flags & 3) return NO_C;
+    Py_ssize_t pos = start + 14;
+    h->has_headers = (flags >> 13) & 1;
+    h->hs = h->he = -1;
+    h->corr = h->rto = -1;
+    h->corr_n = h->rto_n = 0;
+    for (int bit = 15; bit >= 2; bit--) {
+        if (!(flags & (1u << bit))) continue;
+        if (!h->has_headers && h->hs < 0 && bit < 14) h->hs = pos; /* where headers would go */
+        if (bit == 13) {
+            if (end - pos < 4) return NO_C;
+            uint32_t n = be32(d + pos);
+            if ((Py_ssize_t)n > end - pos - 4) return NO_C;
+            h->hs = pos;
+            h->he = pos + 4 + (Py_ssize_t)n;
+            pos = h->he;
+        } else if (bit == 12 || bit == 11) { /* delivery_mode, priority */
+            if (pos >= end) return NO_C;
+            pos += 1;
+        } else if (bit == 6) { /* timestamp */
+            if (end - pos < 8) return NO_C;
+            pos += 8;
+        } else { /* short strings */
+            if (pos >= end) return NO_C;
+            Py_ssize_t n = d[pos];
+            if (n > end - pos - 1) return NO_C;
+            if (bit == 10) {
+                h->corr = pos + 1;
+                h->corr_n = n;
+            } else if (bit == 9) {
+                h->rto = pos + 1;
+                h->rto_n = n;
+            }
+            pos += 1 + n;
+        }
+    }
+    if (pos != end) return NO_C;
+    if (h->hs < 0) h->hs = pos;
+    if (!h->has_headers) h->he = h->hs;
+    return 0;
+}
+
+static int lower_hex(const unsigned char *p, int n, int *nonzero) {
+    for (int i = 0; i < n; i++) {
+        unsigned char c = p[i];
+        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return 0;
+        if (c != '0') *nonzero = 1;
+    }
+    return 1;
+}
+
+/* The traceparent needle found at `at` in the headers table: the value's start when it is
+ * the table's first entry and a canonical, valid version-00 traceparent (what
+ * rewrite.find_traceparent's first-key path and ids.parse_traceparent accept), else NULL. */
+static const unsigned char *simple_traceparent(const unsigned char *d, const chdr *h,
+                                               const unsigned char *at) {
+    if (at != d + h->hs + 4 || d + h->he - at < 17 + 55 || at[12] != 'S' || be32(at + 13) != 55)
+        return NULL;
+    const unsigned char *v = at + 17;
+    int tz = 0, sz = 0, fz = 0;
+    if (v[0] != '0' || v[1] != '0' || v[2] != '-' || v[35] != '-' || v[52] != '-') return NULL;
+    if (!lower_hex(v + 3, 32, &tz) || !lower_hex(v + 36, 16, &sz) || !lower_hex(v + 53, 2, &fz))
+        return NULL;
+    return (tz && sz) ? v : NULL;
+}
+
+static PyObject *s_frame_max, *s_c_ids, *s_span_id, *s_trace_id, *s_injected_now, *s_lean_take,
+    *s_lean_remember;
+
+/* a new id as a str: from xoshiro256**, or from the decoder's own id function */
+static PyObject *draw_id(PyObject *dec, int c_ids, int trace) {
+    if (c_ids) {
+        char buf[32];
+        if (trace) {
+            hex64(buf, next_rand());
+            hex64(buf + 16, next_rand() | 1);
+            return PyUnicode_FromStringAndSize(buf, 32);
+        }
+        hex64(buf, next_rand() | 1);
+        return PyUnicode_FromStringAndSize(buf, 16);
+    }
+    return call_named(dec, trace ? s_trace_id : s_span_id, "()");
+}
+
+static const char *id_chars(PyObject *id, Py_ssize_t want) {
+    Py_ssize_t n;
+    const char *s = PyUnicode_Check(id) ? PyUnicode_AsUTF8AndSize(id, &n) : NULL;
+    if (s == NULL) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "ids must be str");
+        return NULL;
+    }
+    if (n != want) {
+        PyErr_Format(PyExc_ValueError, "an id of %zd characters, expected %zd", n, want);
+        return NULL;
+    }
+    return s;
+}
+
+static int use_c_ids(PyObject *dec) {
+    PyObject *v = PyObject_GetAttr(dec, s_c_ids);
+    if (v == NULL) return -1;
+    int r = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return r;
+}
+
+/* The content-header frame around payload d[start:end] with a traceparent entry
+ * appended to its headers table (created when absent), as rewrite.inject_traceparent. */
+static PyObject *tagged_frame(const unsigned char *d, Py_ssize_t start, Py_ssize_t end,
+                              const chdr *h, const char *trace, const char *span) {
+    Py_ssize_t plen = end - start + ENTRY_LEN + (h->has_headers ? 0 : 4);
+    PyObject *r = PyBytes_FromStringAndSize(NULL, 7 + plen + 1);
+    if (r == NULL) return NULL;
+    unsigned char *o = (unsigned char *)PyBytes_AS_STRING(r), *q = o + 7;
+    o[0] = 2;
+    o[1] = d[start - 6];
+    o[2] = d[start - 5];
+    put_be32(o + 3, (uint32_t)plen);
+    if (h->has_headers) {
+        memcpy(q, d + start, (size_t)(h->hs - start));
+        q += h->hs - start;
+        put_be32(q, be32(d + h->hs) + ENTRY_LEN);
+        q += 4;
+        memcpy(q, d + h->hs + 4, (size_t)(h->he - h->hs - 4));
+        q += h->he - h->hs - 4;
+    } else {
+        memcpy(q, d + start, 12);
+        q[12] = d[start + 12] | 0x20; /* the headers flag, bit 13 */
+        q[13] = d[start + 13];
+        q += 14;
+        memcpy(q, d + start + 14, (size_t)(h->hs - start - 14));
+        q += h->hs - start - 14;
+        put_be32(q, ENTRY_LEN);
+        q += 4;
+    }
+    memcpy(q, NEEDLE, NEEDLE_LEN);
+    q[NEEDLE_LEN] = 'S';
+    put_be32(q + NEEDLE_LEN + 1, 55);
+    q += NEEDLE_LEN + 5;
+    memcpy(q, "00-", 3);
+    memcpy(q + 3, trace, 32);
+    q[35] = '-';
+    memcpy(q + 36, span, 16);
+    memcpy(q + 52, "-01", 3);
+    q += 55;
+    memcpy(q, d + h->he, (size_t)(end - h->he));
+    q += end - h->he;
+    *q = 0xCE;
+    return r;
+}
+
+/* decoder._lean_tag in C: the new frame, Py_None (forward unchanged: never returned
+ * here, the Python path decides those), or NULL with an exception; *py = 1 (NULL, no
+ * exception, nothing done): call _lean_tag instead. */
+static PyObject *c_tag(PyObject *dec, const unsigned char *d, Py_ssize_t start, Py_ssize_t end,
+                       PyObject *rk, int *py) {
+    chdr h;
+    *py = 0;
+    if (parse_basic_header(d, start, end, &h) ||
+        (h.has_headers && memmem(d + h.hs, (size_t)(h.he - h.hs), NEEDLE, NEEDLE_LEN))) {
+        *py = 1; /* an odd header, or one with a traceparent: the Python path decides */
+        return NULL;
+    }
+    long long frame_max;
+    if (get_ll(dec, s_frame_max, &frame_max) < 0) return NULL;
+    if (frame_max && 7 + (end - start) + ENTRY_LEN + (h.has_headers ? 0 : 4) + 1 > frame_max) {
+        *py = 1;
+        return NULL;
+    }
+    int c_ids = use_c_ids(dec);
+    if (c_ids < 0) return NULL;
+    PyObject *span = NULL, *trace = NULL, *request = NULL, *item = NULL, *res = NULL;
+    span = draw_id(dec, c_ids, 0);
+    if (span == NULL) goto out;
+    if (rk != Py_None && (d[start + 12] & 4) && h.corr_n > 0) { /* an RPC reply? */
+        PyObject *corr = PyUnicode_DecodeUTF8((const char *)d + h.corr, h.corr_n, "replace");
+        if (corr == NULL) goto out;
+        request = call_named(dec, s_lean_take, "(OO)", rk, corr);
+        Py_DECREF(corr);
+        if (request == NULL) goto out;
+        if (request == Py_None) {
+            Py_CLEAR(request);
+        } else if (!PyTuple_Check(request) || PyTuple_GET_SIZE(request) != 2) {
+            PyErr_SetString(PyExc_TypeError, "_lean_take must return (trace id, span id)");
+            goto out;
+        }
+    }
+    if (request == NULL) {
+        item = Py_NewRef(span);
+        trace = draw_id(dec, c_ids, 1);
+    } else {
+        item = PyTuple_Pack(2, span, PyTuple_GET_ITEM(request, 1));
+        trace = Py_NewRef(PyTuple_GET_ITEM(request, 0));
+    }
+    if (item == NULL || trace == NULL) goto out;
+    {
+        PyObject *now = PyObject_GetAttr(dec, s_injected_now);
+        int rc = now == NULL ? -1 : PyList_Check(now) ? PyList_Append(now, item) : -2;
+        Py_XDECREF(now);
+        if (rc == -2) PyErr_SetString(PyExc_TypeError, "injected_now must be a list");
+        if (rc < 0) goto out;
+    }
+    const char *t = id_chars(trace, 32), *s = t ? id_chars(span, 16) : NULL;
+    if (s != NULL) res = tagged_frame(d, start, end, &h, t, s);
+out:
+    Py_XDECREF(span);
+    Py_XDECREF(trace);
+    Py_XDECREF(request);
+    Py_XDECREF(item);
+    return res;
+}
+
+/* decoder._lean_request in C, for a header whose flags ask for a reply (reply_to and
+ * correlation_id): 0 done, -1 error, NO_C: call _lean_request instead (nothing done). */
+static int c_request(PyObject *dec, const unsigned char *d, Py_ssize_t start, Py_ssize_t end) {
+    chdr h;
+    if (parse_basic_header(d, start, end, &h)) return NO_C;
+    if (h.rto < 0 || h.corr < 0 || h.rto_n == 0 || h.corr_n == 0) return 0;
+    const unsigned char *tp = NULL;
+    if (h.has_headers) {
+        const unsigned char *at = memmem(d + h.hs, (size_t)(h.he - h.hs), NEEDLE, NEEDLE_LEN);
+        if (at != NULL && (tp = simple_traceparent(d, &h, at)) == NULL) return NO_C;
+    }
+    int c_ids = use_c_ids(dec);
+    if (c_ids < 0) return -1;
+    PyObject *trace = tp ? PyUnicode_FromStringAndSize((const char *)tp + 3, 32)
+                         : draw_id(dec, c_ids, 1);
+    PyObject *span = trace ? draw_id(dec, c_ids, 0) : NULL;
+    PyObject *rto = span ? PyUnicode_DecodeUTF8((const char *)d + h.rto, h.rto_n, "replace") : NULL;
+    PyObject *corr = rto ? PyUnicode_DecodeUTF8((const char *)d + h.corr, h.corr_n, "replace") : NULL;
+    PyObject *r = corr ? call_named(dec, s_lean_remember, "(OOOO)", rto, corr, trace, span) : NULL;
+    Py_XDECREF(trace);
+    Py_XDECREF(span);
+    Py_XDECREF(rto);
+    Py_XDECREF(corr);
+    if (r == NULL) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static PyObject *lean_core(PyObject *dec, PyObject *st, PyObject *chunk) {
     PyObject *data = NULL, *parts = NULL, *flags = NULL, *rks = NULL, *err = NULL, *res = NULL;
     Py_ssize_t pos = 0, last = 0, n;
     long long frames = 0, heartbeats = 0, limit, body_left;
@@ -663,18 +976,28 @@ static PyObject *lean_feed(PyObject *self, PyObject *args) {
             if (f < 0) goto fail;
             if (!c2s && (f & F_INC)) {
                 if (flag_set(flags, ch, f & ~F_INC) < 0) goto fail;
-                PyObject *r = call_named(dec, s_lean_request, "(Onn)", data, pos + 7, end - 1);
-                if (r == NULL) goto cberr;
-                Py_DECREF(r);
+                /* only a header whose flags ask for a reply matters (a short one: Python
+                 * reports it) */
+                int rc = size < 13 ? NO_C : (d[pos + 19] & 6) != 6 ? 0 : c_request(dec, d, pos + 7, end - 1);
+                if (rc < 0) goto cberr;
+                if (rc == NO_C) {
+                    PyObject *r = call_named(dec, s_lean_request, "(Onn)", data, pos + 7, end - 1);
+                    if (r == NULL) goto cberr;
+                    Py_DECREF(r);
+                }
             } else if (c2s && (f & F_PUB)) {
                 if (flag_set(flags, ch, f & ~F_PUB) < 0) goto fail;
                 PyObject *key = PyLong_FromLong(ch);
                 if (key == NULL) goto fail;
-                PyObject *rk = PyDict_GetItemWithError(rks, key); /* borrowed */
+                PyObject *rk = PyDict_GetItemWithError(rks, key);
                 Py_DECREF(key);
                 if (rk == NULL && PyErr_Occurred()) goto fail;
-                PyObject *r = call_named(dec, s_lean_tag, "(OnnO)", data, pos + 7, end - 1,
-                                                  rk ? rk : Py_None);
+                rk = Py_NewRef(rk ? rk : Py_None); /* held: the callbacks run Python code */
+                int py;
+                PyObject *r = c_tag(dec, d, pos + 7, end - 1, rk, &py);
+                if (r == NULL && py)
+                    r = call_named(dec, s_lean_tag, "(OnnO)", data, pos + 7, end - 1, rk);
+                Py_DECREF(rk);
                 if (r == NULL) goto cberr;
                 if (r != Py_None) {
                     if (parts == NULL && (parts = PyList_New(0)) == NULL) {
@@ -746,6 +1069,172 @@ done:
     return res;
 }
 
+
+/* ---- the AMQP lean mode of a Tee ----------------------------------------------------------
+ *
+ * Capture mode with injection (proxies.amqp.handler.AmqpCaptureHandler): the client's
+ * bytes go through the lean loop (tagged, a partial frame held back), the broker's are
+ * forwarded then scanned for RPC requests, and each side ships its copy with the ids the
+ * loop chose as meta. In slow mode that was six Python frames per chunk (the relay's
+ * from_client/from_server, the handler, the decoder's feed and take, the ship); on the
+ * RPC benchmark's cold path they cost about as much as the forwarding itself. Lean mode
+ * does all of it in this one call, and falls back to the slow path (the Python handler)
+ * for a chunk that arrives before the client's protocol header is complete, and for
+ * good once the decoder has switched to passthrough. A framing error goes to the
+ * decoder's _fail as in Python. Meta is bytes here: ids joined by ';', a pair as
+ * "a:b" (proxies.amqp.handler.amqp_meta reads it).
+ */
+static PyObject *s_passthrough, *s_started, *s_fail, *s_assigned_now;
+
+/* the decoder's id list `name` as meta bytes, emptied; NULL without an error: empty */
+static PyObject *take_meta(PyObject *dec, PyObject *name) {
+    PyObject *lst = PyObject_GetAttr(dec, name);
+    if (lst == NULL) return NULL;
+    if (!PyList_Check(lst)) {
+        Py_DECREF(lst);
+        PyErr_SetString(PyExc_TypeError, "the decoder's id lists must be lists");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(lst), total = 0;
+    if (n == 0) {
+        Py_DECREF(lst);
+        return NULL;
+    }
+    PyObject *res = NULL;
+    for (int pass = 0; pass < 2; pass++) {
+        char *o = pass ? PyBytes_AS_STRING(res) : NULL;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *it = PyList_GET_ITEM(lst, i);
+            PyObject *parts[2] = {it, NULL};
+            int k = 1;
+            if (PyTuple_Check(it) && PyTuple_GET_SIZE(it) == 2) {
+                parts[0] = PyTuple_GET_ITEM(it, 0);
+                parts[1] = PyTuple_GET_ITEM(it, 1);
+                k = 2;
+            }
+            for (int j = 0; j < k; j++) {
+                Py_ssize_t m;
+                const char *c = PyUnicode_Check(parts[j]) ? PyUnicode_AsUTF8AndSize(parts[j], &m)
+                                                          : NULL;
+                if (c == NULL) {
+                    if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "ids must be str");
+                    Py_XDECREF(res);
+                    Py_DECREF(lst);
+                    return NULL;
+                }
+                if (pass) {
+                    if (j) *o++ = ':';
+                    else if (i) *o++ = ';';
+                    memcpy(o, c, (size_t)m);
+                    o += m;
+                } else {
+                    total += m + (j || i ? 1 : 0);
+                }
+            }
+        }
+        if (!pass && (res = PyBytes_FromStringAndSize(NULL, total)) == NULL) {
+            Py_DECREF(lst);
+            return NULL;
+        }
+    }
+    int rc = PyList_SetSlice(lst, 0, n, NULL);
+    Py_DECREF(lst);
+    if (rc < 0) {
+        Py_DECREF(res);
+        return NULL;
+    }
+    return res;
+}
+
+/* ship(sh, data) with meta: the copy and the ids travel as one record */
+static int ship_meta(Shipper *sh, PyObject *data, PyObject *meta) {
+    if (sh->gap || PyBytes_GET_SIZE(data) == 0) return 0;
+    if (meta == NULL) {
+        PyObject *r = ship(sh, data);
+        Py_XDECREF(r);
+        return r ? 0 : -1;
+    }
+    int rc = append_record(sh->owner, sh->conn, sh->direction, PyBytes_AS_STRING(data),
+                           PyBytes_GET_SIZE(data), PyBytes_AS_STRING(meta), PyBytes_GET_SIZE(meta));
+    if (rc < 0) return -1;
+    if (rc == 0) { /* over budget: the Python path records the gap */
+        sh->gap = 1;
+        PyObject *r = PyObject_CallOneArg(sh->slow, data);
+        Py_XDECREF(r);
+        return r ? 0 : -1;
+    }
+    return 0;
+}
+
+static int attr_true(PyObject *o, PyObject *name) {
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (v == NULL) return -1;
+    int r = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return r;
+}
+
+static PyObject *tee_lean(Tee *self, PyObject *data) {
+    if (!PyBytes_Check(data)) {
+        PyErr_SetString(PyExc_TypeError, "lean mode takes bytes");
+        return NULL;
+    }
+    /* held for the call: a write may close the connection, whose cleanup clears these */
+    PyObject *dec = Py_NewRef(self->dec), *st = Py_NewRef(self->st),
+             *write = Py_NewRef(self->write), *sh = Py_NewRef(self->ship);
+    PyObject *r = NULL, *res = NULL, *meta = NULL, *x;
+    int rewrite = self->rewrite;
+    int pt = attr_true(dec, s_passthrough), started = pt ? 0 : attr_true(st, s_started);
+    if (pt < 0 || started < 0) goto done;
+    if (pt || !started) { /* the slow path: for this chunk, or for good */
+        if (pt) {
+            Py_CLEAR(self->write);
+            Py_CLEAR(self->ship);
+            Py_CLEAR(self->dec);
+            Py_CLEAR(self->st);
+        }
+        res = self->slow ? PyObject_CallOneArg(self->slow, data) : NULL;
+        if (res == NULL && !PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "Tee: no slow path set");
+        goto done;
+    }
+    self->nbytes += PyBytes_GET_SIZE(data);
+    if (!rewrite) { /* the broker's bytes: forwarded first, as they came */
+        if ((x = PyObject_CallOneArg(write, data)) == NULL) goto done;
+        Py_DECREF(x);
+    }
+    if ((r = lean_core(dec, st, data)) == NULL) goto done;
+    if (PyTuple_GET_ITEM(r, 1) != Py_None) { /* a framing error: passthrough from here */
+        x = call_named(dec, s_fail, "(OOOO)", st, PyTuple_GET_ITEM(r, 3), PyTuple_GET_ITEM(r, 2),
+                       PyTuple_GET_ITEM(r, 1));
+        if (x == NULL) goto done;
+        Py_DECREF(x);
+    }
+    PyObject *out = rewrite ? PyTuple_GET_ITEM(r, 0) : data;
+    if (rewrite && PyBytes_GET_SIZE(out)) {
+        if ((x = PyObject_CallOneArg(write, out)) == NULL) goto done;
+        Py_DECREF(x);
+    }
+    meta = take_meta(dec, rewrite ? s_injected_now : s_assigned_now);
+    if (meta == NULL && PyErr_Occurred()) goto done;
+    if (ship_meta((Shipper *)sh, out, meta) < 0) goto done;
+    res = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(r);
+    Py_XDECREF(meta);
+    Py_DECREF(dec);
+    Py_DECREF(st);
+    Py_DECREF(write);
+    Py_DECREF(sh);
+    return res;
+}
+
+static PyObject *lean_feed(PyObject *self, PyObject *args) {
+    PyObject *dec, *st, *chunk;
+    if (!PyArg_ParseTuple(args, "OOO!", &dec, &st, &PyBytes_Type, &chunk)) return NULL;
+    return lean_core(dec, st, chunk);
+}
+
 static PyMethodDef module_methods[] = {
     {"lean_feed", lean_feed, METH_VARARGS,
      "lean_feed(decoder, stream, data) -> (out, None, 0) | (out, error, pos, data)"},
@@ -780,6 +1269,21 @@ PyMODINIT_FUNC PyInit__shipper(void) {
     if (!s_st_buf || !s_body_left || !s_offset || !s_frames || !s_heartbeats || !s_c2s ||
         !s_limit || !s_flags || !s_rk || !s_shared || !s_rpc || !s_lean_tag ||
         !s_lean_request || !s_lean_method)
+        return NULL;
+    s_frame_max = PyUnicode_InternFromString("frame_max");
+    s_c_ids = PyUnicode_InternFromString("_c_ids");
+    s_span_id = PyUnicode_InternFromString("_span_id");
+    s_trace_id = PyUnicode_InternFromString("_trace_id");
+    s_injected_now = PyUnicode_InternFromString("injected_now");
+    s_lean_take = PyUnicode_InternFromString("_lean_take");
+    s_lean_remember = PyUnicode_InternFromString("_lean_remember");
+    s_passthrough = PyUnicode_InternFromString("passthrough");
+    s_started = PyUnicode_InternFromString("started");
+    s_fail = PyUnicode_InternFromString("_fail");
+    s_assigned_now = PyUnicode_InternFromString("assigned_now");
+    if (!s_passthrough || !s_started || !s_fail || !s_assigned_now) return NULL;
+    if (!s_frame_max || !s_c_ids || !s_span_id || !s_trace_id || !s_injected_now ||
+        !s_lean_take || !s_lean_remember)
         return NULL;
     if (getrandom(rng, sizeof rng, 0) != (ssize_t)sizeof rng) {
         PyErr_SetString(PyExc_OSError, "getrandom failed");

@@ -79,6 +79,9 @@ class Handler:
     rewrite_c2s: bool = False
     rewrite_s2c: bool = False
     observe: bool = False  # False: the relay never calls c2s/s2c (pure passthrough)
+    # (decoder, client-side shipper, broker-side shipper): the AMQP capture handler's lean
+    # loop, which the relay may run in C for both sockets (see RelayConnection._lean_on)
+    lean: tuple[Any, Any, Any] | None = None
 
     def __init__(self, ctx: ConnContext) -> None:
         self.ctx = ctx
@@ -190,12 +193,16 @@ except ImportError:  # no C compiler at install: the same protocol in Python, sl
         __slots__ = ("slow",)
         slow: Callable[[bytes], Any]
         fast = False
+        lean = False
         nbytes = 0
 
         def data_received(self, data: bytes) -> None:
             self.slow(data)
 
         def set_fast(self, write: Any, shipper: Any) -> None:
+            raise NotImplementedError
+
+        def set_lean(self, write: Any, shipper: Any, dec: Any, st: Any, rewrite: bool) -> None:
             raise NotImplementedError
 
         def fast_off(self) -> None:
@@ -395,6 +402,8 @@ class RelayConnection:
                 s_t.write(out)
             if self.fast:  # the handler may have taken the other direction back
                 self._fast_check(h)
+            if h.lean is not None:
+                self._lean_on(h.lean, True)
         else:
             s_t.write(data)
             try:
@@ -438,6 +447,9 @@ class RelayConnection:
                 return
             if self.fast:
                 self._fast_check(h)
+            if h.lean is not None:
+                self._lean_on(h.lean, False)
+                return
             fn: Any = h.s2c
             if type(fn) is _Shipper and h.observe and not h.rewrite_s2c:
                 self._fast_on(self.s_side, c_t, fn)
@@ -454,6 +466,25 @@ class RelayConnection:
             side.set_fast(to.write, shipper)
             self.fast = True
 
+    def _lean_on(self, lean: tuple[Any, Any, Any], client: bool) -> None:
+        """The AMQP lean loop in C for one socket (the client's: tag and forward; the
+        broker's: forward and scan), once the handler has taken a chunk of it in slow
+        mode. The C side returns a socket to the slow path itself: for a chunk before the
+        protocol header is whole, and for good once the decoder is in passthrough."""
+        side, to = (self.c_side, self.s_t) if client else (self.s_side, self.c_t)
+        dec, ship0, ship1 = lean
+        if (
+            side is None
+            or to is None
+            or self.closed
+            or side.fast
+            or dec.passthrough
+            or type(ship0) is not _Shipper
+        ):
+            return
+        side.set_lean(to.write, ship0 if client else ship1, dec, dec.c if client else dec.s, client)
+        self.fast = True
+
     def _fast_check(self, h: Handler) -> None:
         """After a handler call in slow mode: a fast direction whose handler no longer only
         ships (it rewrites, stopped observing, or its c2s/s2c is something else now, e.g.
@@ -461,11 +492,17 @@ class RelayConnection:
         c, s = self.c_side, self.s_side
         if c is not None and c.fast:
             fn: Any = h.c2s
-            if not h.observe or h.rewrite_c2s or type(fn) is not _Shipper:
+            if c.lean:
+                if not h.observe or h.lean is None:
+                    c.fast_off()
+            elif not h.observe or h.rewrite_c2s or type(fn) is not _Shipper:
                 c.fast_off()
         if s is not None and s.fast:
             fn = h.s2c
-            if not h.observe or h.rewrite_s2c or type(fn) is not _Shipper:
+            if s.lean:
+                if not h.observe or h.lean is None:
+                    s.fast_off()
+            elif not h.observe or h.rewrite_s2c or type(fn) is not _Shipper:
                 s.fast_off()
         self.fast = (c is not None and c.fast) or (s is not None and s.fast)
 

@@ -281,6 +281,9 @@ class AmqpDecoder:
         self._clock = clock
         self._span_id = new_span_id
         self._trace_id = new_trace_id
+        # the C lean loop may draw ids itself (its xoshiro256**) only with the default
+        # id functions; given others (tests), it calls them as the Python callbacks do
+        self._c_ids = new_span_id is ids.new_span_id and new_trace_id is ids.new_trace_id
         # lean: the proxy side of decode = "capture": only the client stream, only
         # what injection needs, no events (the capture process decodes a copy)
         self.lean = lean
@@ -575,7 +578,7 @@ class AmqpDecoder:
         if reply:
             corr = h.props.get("correlation_id")
             if corr:
-                request = self._shared.take(rk, corr, self._clock())  # type: ignore[arg-type]
+                request = self._lean_take(rk, corr)  # type: ignore[arg-type]
         if request is None:
             self.injected_now.append(span_id)
             trace_id = self._trace_id()
@@ -597,8 +600,18 @@ class AmqpDecoder:
             return
         parsed = ids.parse_traceparent(find_traceparent(p, h))
         trace_id = parsed[0] if parsed else self._trace_id()
-        span_id = self._span_id()
-        self._shared.remember(reply_to, corr, trace_id, span_id, self._clock())
+        self._lean_remember(reply_to, corr, trace_id, self._span_id())
+
+    def _lean_take(self, reply_to: str, correlation_id: str) -> tuple[str, str] | None:
+        """The (trace id, span id) of the delivered RPC request a reply answers, if known
+        (also called by the C lean loop)."""
+        return self._shared.take(reply_to, correlation_id, self._clock())
+
+    def _lean_remember(
+        self, reply_to: str, correlation_id: str, trace_id: str, span_id: str
+    ) -> None:
+        """Note the ids chosen for a delivered RPC request (also called by the C lean loop)."""
+        self._shared.remember(reply_to, correlation_id, trace_id, span_id, self._clock())
         self.assigned_now.append((trace_id, span_id))
 
     def take_assigned(self) -> list[tuple[str, str]] | None:

@@ -64,6 +64,8 @@ class AmqpCaptureHandler(Handler):
         )  # fmt: skip
         self._ship0 = ctx.shipper(0)
         self._ship1 = ctx.shipper(1)
+        if self.injector is not None:  # the relay may run c2s/s2c below in C (lean mode)
+            self.lean = (self.injector, self._ship0, self._ship1)
 
     def _release(self, data: bytes) -> None:  # held bytes let go after a decode failure
         self.ctx.send_to_server(data)
@@ -103,6 +105,16 @@ class AmqpCaptureHandler(Handler):
         return held
 
 
+def amqp_meta(meta: bytes) -> list[str | tuple[str, str]]:
+    """The ids the relay's C lean mode ships with a chunk (``sniff/_shipper.c``,
+    ``take_meta``): ``;``-separated, a pair written ``a:b``; as the Python handler's lists."""
+    out: list[str | tuple[str, str]] = []
+    for item in meta.decode("ascii").split(";"):
+        a, sep, b = item.partition(":")
+        out.append((a, b) if sep else a)
+    return out
+
+
 class AmqpRawDecoder:
     """Capture side of ``decode = "capture"``: the full decoder over shipped copies."""
 
@@ -111,6 +123,8 @@ class AmqpRawDecoder:
 
     def feed(self, direction: int, data: bytes, meta: Any) -> None:
         d = self.d
+        if meta.__class__ is bytes:  # from the relay's lean mode in C
+            meta = amqp_meta(meta)
         if direction == 0:
             if meta:  # span ids the proxy injected; (span id, request span id) for replies
                 own = d.sniff_injected

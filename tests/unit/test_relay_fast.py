@@ -12,12 +12,15 @@ from typing import Any
 
 import pytest
 
-from sniff import relay
+from sniff import capture_proc, relay
 from sniff.capture_proc import CaptureShipper, _unpack_raw
 from sniff.config import Address, ProxyConfig
 from sniff.events import ConnClose, Event
 
-pytestmark = pytest.mark.skipif(not relay.HAVE_C, reason="sniff._shipper is not built")
+pytestmark = pytest.mark.skipif(
+    not relay.HAVE_C or capture_proc._PURE,
+    reason="sniff._shipper is not built, or SNIFF_PURE_PYTHON=1 asks for the Python path",
+)
 
 
 class _Sink:

@@ -25,6 +25,7 @@ from proxies.amqp.events import (
     AmqpSettle,
 )
 from proxies.amqp.handler import AmqpRawDecoder
+from sniff import ids
 from sniff.events import ConnIdentity, ProtocolError, dumps
 from tests.fixtures.amqp.record import load
 
@@ -502,3 +503,165 @@ def test_fuzz_lean_loop_in_c_matches_python(seed: int, n: int, chunk: int) -> No
     finally:
         mod._lean_feed = saved
     assert in_c == in_python
+
+
+# --- the C lean loop's own content-header paths (tag and RPC note) ----------------------
+
+_HEADER_KEYS = ["x-a", "traceparent", "x-count", "tracestate", "x-retry"]
+
+
+def _random_props(rnd: random.Random, rpc: tuple[str, str] | None = None) -> Any:
+    """Basic properties of every shape the C path accepts or hands back to Python: any
+    subset of properties, headers absent/empty/full, a traceparent first or later, valid
+    (sniff's canonical form), upper case, all-zero, of another version or not a string."""
+    from pamqp import commands
+
+    kw: dict[str, Any] = {}
+    for name, make in (
+        ("content_type", lambda: "application/json"),
+        ("content_encoding", lambda: "utf-8"),
+        ("delivery_mode", lambda: rnd.choice([1, 2])),
+        ("priority", lambda: rnd.randrange(10)),
+        ("correlation_id", lambda: rnd.choice(["", "c1", "é" * 3])),
+        ("reply_to", lambda: rnd.choice(["", "amq.gen-1", "q2"])),
+        ("expiration", lambda: "60000"),
+        ("message_id", lambda: "m" * rnd.randrange(40)),
+        ("timestamp", lambda: __import__("datetime").datetime(2026, 11, 22, 5, 0, 0)),
+        ("message_type", lambda: "t"),
+        ("user_id", lambda: "guest"),
+        ("app_id", lambda: "app"),
+    ):
+        if rnd.random() < 0.4:
+            kw[name] = make()
+    if rpc is not None:
+        kw["reply_to"], kw["correlation_id"] = rpc
+    if rnd.random() < 0.6:
+        headers: dict[str, Any] = {}
+        for key in rnd.sample(_HEADER_KEYS, rnd.randrange(len(_HEADER_KEYS) + 1)):
+            if key == "traceparent":
+                tid, sid = f"{rnd.getrandbits(128):032x}", f"{rnd.getrandbits(64):016x}"
+                headers[key] = rnd.choice(
+                    [
+                        f"00-{tid}-{sid}-01",
+                        f"00-{tid.upper()}-{sid}-01",
+                        f"00-{'0' * 32}-{sid}-01",
+                        f"01-{tid}-{sid}-01-extra",
+                        f"00-{tid}-{sid}",
+                        7,
+                    ]
+                )
+            else:
+                headers[key] = rnd.choice(["v", 3, True, "x" * 300])
+        kw["headers"] = headers
+    return commands.Basic.Properties(**kw)
+
+
+def _content(ch: int, method: Any, props: Any, body: bytes) -> bytes:
+    from pamqp import body as pbody
+    from pamqp import frame, header
+
+    return (
+        frame.marshal(method, ch)
+        + frame.marshal(header.ContentHeader(0, len(body), props), ch)
+        + frame.marshal(pbody.ContentBody(body), ch)
+    )
+
+
+def _rpc_session(seed: int) -> list[tuple[int, bytes]]:
+    """A broker delivering RPC requests (some already traced) and a client publishing
+    replies to their reply_to (right or wrong correlation id) and other messages."""
+    from pamqp import commands, frame
+
+    rnd = random.Random(seed)
+    out: list[tuple[int, bytes]] = [(0, b"AMQP\x00\x00\x09\x01")]
+    if rnd.random() < 0.3:  # a small frame_max: some tags would outgrow it
+        tune = commands.Connection.TuneOk(channel_max=0, frame_max=rnd.randrange(200, 600))
+        out.append((0, frame.marshal(tune, 0)))
+    pending: list[tuple[str, str]] = []
+    for i in range(rnd.randrange(1, 12)):
+        ch = rnd.randrange(1, 3)
+        if rnd.random() < 0.5:
+            rpc = (rnd.choice(["amq.gen-1", "q2"]), f"corr-{i}") if rnd.random() < 0.7 else None
+            if rpc:
+                pending.append(rpc)
+            deliver = commands.Basic.Deliver("ctag", i + 1, False, "", "work")
+            out.append((1, _content(ch, deliver, _random_props(rnd, rpc), b"x" * i)))
+        else:
+            rk, rpc = "work", None
+            if pending and rnd.random() < 0.7:
+                rk, corr = pending.pop(rnd.randrange(len(pending)))
+                rpc = (rk, corr if rnd.random() < 0.8 else "other")
+            exchange = "" if rpc or rnd.random() < 0.5 else "ex"
+            publish = commands.Basic.Publish(exchange=exchange, routing_key=rk)
+            out.append((0, _content(ch, publish, _random_props(rnd, rpc), b"y" * i)))
+    return out
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2**32), st.integers(1, 200))
+def test_fuzz_c_header_paths_match_python(seed: int, chunk: int) -> None:
+    """Headers of every shape through the C lean loop's tag and RPC note (or their hand-
+    back to Python) and through the Python callbacks: the same bytes, tags, RPC ids."""
+    import proxies.amqp.decoder as mod
+
+    if mod._lean_feed is None:
+        pytest.skip("sniff._shipper is not built (no C compiler at install)")
+    session = _rpc_session(seed)
+    cut = [(d, b[i : i + chunk]) for d, b in session for i in range(0, len(b), chunk)]
+    in_c = _lean_both_ways(cut)
+    saved = mod._lean_feed
+    mod._lean_feed = None
+    try:
+        in_python = _lean_both_ways(cut)
+    finally:
+        mod._lean_feed = saved
+    assert in_c == in_python
+    # every header here is well formed: the only errors are frames past a small frame_max
+    assert all("exceeds frame_max" in reason for _, _, reason in in_c[3])
+
+
+def test_c_ids_tag_and_continue_rpc_traces() -> None:
+    """With the default id functions the C loop draws its own ids: each untraced publish
+    gains one valid traceparent whose span id is reported, every other byte unchanged;
+    a reply continues its request's trace."""
+    from pamqp import commands, frame
+
+    import proxies.amqp.decoder as mod
+
+    if mod._lean_feed is None:
+        pytest.skip("sniff._shipper is not built (no C compiler at install)")
+    dec = AmqpDecoder(1, lambda ev: None, inject=True, lean=True, shared=AmqpShared(),
+                      emit_fields=lambda c, v: None)  # fmt: skip
+    assert dec._c_ids
+    props = commands.Basic.Properties(
+        content_type="text/plain", headers={"x-a": "v"}, reply_to="rq", correlation_id="7"
+    )
+    req = _content(1, commands.Basic.Publish(exchange="", routing_key="work"), props, b"hi")
+    out = dec.feed_client(b"AMQP\x00\x00\x09\x01" + req)
+    (span,) = dec.take_injected() or []
+    got = _frames(out[8:])
+    h = got[1][1].properties
+    tp = h.headers.pop("traceparent")
+    assert tp.startswith("00-") and tp.endswith(f"-{span}-01") and len(tp) == 55
+    assert ids.parse_traceparent(tp) is not None
+    assert h.headers == {"x-a": "v"} and h.reply_to == "rq" and h.correlation_id == "7"
+    # the broker delivers it (with the tag) to a worker on another connection...
+    worker = AmqpDecoder(2, lambda ev: None, inject=True, lean=True, shared=dec._shared,
+                         emit_fields=lambda c, v: None)  # fmt: skip
+    worker.feed_client(b"AMQP\x00\x00\x09\x01")
+    delivered = (
+        frame.marshal(commands.Basic.Deliver("c", 1, False, "", "work"), 1)
+        + out[8:][len(frame.marshal(commands.Basic.Publish(exchange="", routing_key="work"), 1)) :]
+    )
+    worker.scan_server(delivered)
+    ((trace, consumer_span),) = worker.take_assigned() or []
+    assert trace == tp[3:35] and len(consumer_span) == 16
+    # ...which replies to reply_to with the same correlation id: the same trace, parented
+    # by the consumer span
+    reply = commands.Basic.Properties(correlation_id="7")
+    rep = _content(1, commands.Basic.Publish(exchange="", routing_key="rq"), reply, b"ok")
+    out2 = worker.feed_client(rep)
+    ((reply_span, parent),) = worker.take_injected() or []
+    assert parent == consumer_span
+    tp2 = _frames(out2)[1][1].properties.headers["traceparent"]
+    assert tp2 == f"00-{trace}-{reply_span}-01"
