@@ -40,7 +40,8 @@ import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 
 from correlate.model import Link, Span
 from exporters import semconv as sc
@@ -62,15 +63,24 @@ class Unit:
     native: set[str] = field(default_factory=set)  # what the unit itself carried
 
 
-@dataclass(slots=True)
-class Call:
+class Call(NamedTuple):
+    """An outbound call; queued as it is (its first three fields are those of every
+    queued notification: one object per call, not a notification holding a call)."""
+
+    ts: int
+    seq: int  # the queue's tie-breaker
+    kind: int  # _CALL
     span: Span
     conn: int
-    ts: int
     ids: frozenset[str]
     decided: bool  # parent already known (propagated or paired): only register nothing
     group: Any = None
     finished: bool = False  # the builder is done with the span: release it once decided
+
+
+# Call((ts, seq, ...)) without the Python-level __new__ of a NamedTuple (one per call)
+_new_call: Callable[[tuple[Any, ...]], Call] = partial(tuple.__new__, Call)
+_NO_IDS: frozenset[str] = frozenset()
 
 
 class _Comp:
@@ -106,7 +116,8 @@ class Causal:
         ttl_ns: int = 10 * 60 * 10**9,
         timing_allowed: Callable[[int], bool] | None = None,
     ) -> None:
-        self._timing_allowed = timing_allowed or (lambda conn: True)
+        # None: timing may attribute any call (no call is made to ask)
+        self._timing_allowed = timing_allowed
         self._component_of = component_of  # (conn, "client"|"server") -> key
         self._trace = trace_of
         self._alias = alias
@@ -119,9 +130,10 @@ class Causal:
         # reported late go to a heap. Processing takes whichever head comes first,
         # which is exactly the order one heap would give (measured: the heap alone
         # cost ~1 us per notification at capture rates).
-        self._fifo: deque[tuple[int, int, int, Any]] = deque()
+        # (a queued notification is (ts, seq, kind, payload), or a Call: (ts, seq, _CALL, ...))
+        self._fifo: deque[Any] = deque()
         self._fifo_last = -1  # ts of the FIFO's newest entry
-        self._heap: list[tuple[int, int, int, Any]] = []
+        self._heap: list[Any] = []
         self._seq = itertools.count()
         self._pending: dict[str, int] = {}  # span id -> notifications not yet processed
         self._held: dict[str, Span] = {}  # finished spans waiting for their notifications
@@ -132,7 +144,13 @@ class Causal:
         self.now = 0
         self.units: dict[str, Unit] = {}  # span id -> unit
         self._by_comp: dict[str, _Comp] = {}
-        self._ended: list[tuple[int, str]] = []  # (end ts, span id) heap, for forgetting
+        # (end ts, span id) of ended units, for forgetting them: appended in the order the
+        # ends are processed, which is time order but for late reports (those go to the
+        # heap); which of the two holds an entry does not matter, only that every entry
+        # older than the window is dropped (dropping is order-independent)
+        self._ended_fifo: deque[tuple[int, str]] = deque()
+        self._ended_last = -1
+        self._ended: list[tuple[int, str]] = []
         self._opened: list[tuple[int, str]] = []  # (start ts, span id) heap, for the TTL
         self._groups: dict[Any, _Group] = {}
         self.stats: dict[str, int] = {
@@ -146,6 +164,10 @@ class Causal:
         }
 
     # --- notifications (from builders, in any order within the lag) -------------------------
+    # Each is queued as (ts, seq, kind, payload), a unit start as (ts, seq, _UNIT, conn, role,
+    # span id, trace id, ids), a call as its Call: to the FIFO when in time order, else to
+    # the heap (inlined in the frequent ones: a call per notification less). Queued for
+    # lag_ns, they are out of the CPU's caches when processed: one object each, not two.
 
     def unit_start(
         self,
@@ -155,9 +177,16 @@ class Causal:
         ts: int,
         ids: set[str] | frozenset[str] | None = None,
     ) -> None:
-        self._push(
-            ts, _UNIT, (conn, role, span.span_id, span.trace_id, set(ids or ())), span.span_id
-        )
+        span_id = span.span_id
+        pending = self._pending
+        pending[span_id] = pending.get(span_id, 0) + 1
+        # (flat: one object per notification)
+        item = (ts, next(self._seq), _UNIT, conn, role, span_id, span.trace_id, set(ids or ()))
+        if ts >= self._fifo_last:
+            self._fifo_last = ts
+            self._fifo.append(item)
+        else:
+            heapq.heappush(self._heap, item)
 
     def unit_ids(self, span_id: str, ts: int, ids: set[str] | frozenset[str]) -> None:
         """More ids learnt about a unit (e.g. a request id in the response headers)."""
@@ -165,7 +194,12 @@ class Causal:
             self._push(ts, _UNIT_IDS, (span_id, set(ids)), None)
 
     def unit_end(self, span_id: str, ts: int) -> None:
-        self._push(ts, _END, span_id, None)
+        item = (ts, next(self._seq), _END, span_id)
+        if ts >= self._fifo_last:
+            self._fifo_last = ts
+            self._fifo.append(item)
+        else:
+            heapq.heappush(self._heap, item)
 
     def call(
         self,
@@ -189,10 +223,17 @@ class Causal:
                 self.finished(span)
             return
         if ids.__class__ is not frozenset:
-            ids = frozenset(ids or ())
-        call = Call(span, conn, ts, ids, decided, group, finished)
-        # a finished call is its span's only notification: nothing to count as pending
-        self._push(ts, _CALL, call, None if finished else span.span_id)
+            ids = frozenset(ids) if ids else _NO_IDS
+        if not finished:
+            # a finished call is its span's only notification: nothing to count as pending
+            pending = self._pending
+            pending[span.span_id] = pending.get(span.span_id, 0) + 1
+        item = _new_call((ts, next(self._seq), _CALL, span, conn, ids, decided, group, finished))
+        if ts >= self._fifo_last:
+            self._fifo_last = ts
+            self._fifo.append(item)
+        else:
+            heapq.heappush(self._heap, item)
 
     def group_end(self, group: Any, ts: int) -> None:
         self._push(ts, _GROUP_END, group, None)
@@ -213,7 +254,7 @@ class Causal:
         else:
             heapq.heappush(self._heap, (ts, next(self._seq), kind, payload))
 
-    def _pop(self) -> tuple[int, int, int, Any]:
+    def _pop(self) -> Any:
         fifo, heap = self._fifo, self._heap
         if fifo and (not heap or fifo[0] <= heap[0]):
             return fifo.popleft()
@@ -226,21 +267,31 @@ class Causal:
             self.now = now
         limit = now - self.lag_ns
         fifo, heap, process = self._fifo, self._heap, self._process
+        decide_one, release, done = self._decide_one, self._release, self._done
         while True:
             if fifo:
                 if heap and heap[0] < fifo[0]:
                     if heap[0][0] > limit:
                         break
-                    ts, _, kind, payload = heapq.heappop(heap)
+                    item = heapq.heappop(heap)
                 else:
                     if fifo[0][0] > limit:
                         break
-                    ts, _, kind, payload = fifo.popleft()
+                    item = fifo.popleft()
             elif heap and heap[0][0] <= limit:
-                ts, _, kind, payload = heapq.heappop(heap)
+                item = heapq.heappop(heap)
             else:
                 break
-            process(ts, kind, payload)
+            if item[2] == _CALL and item.group is None:
+                # the most frequent notification, as _process would take it (a call less;
+                # a queued call without a group is never decided: see call())
+                decide_one(item)
+                if item.finished:
+                    release(item.span)
+                else:
+                    done(item.span.span_id)
+            else:
+                process(item)
         ready = self._ready
         while ready and ready[0][0] <= limit:
             self._release(ready.popleft()[1])
@@ -248,8 +299,7 @@ class Causal:
 
     def drain(self) -> None:
         while self._fifo or self._heap:
-            ts, _, kind, payload = self._pop()
-            self._process(ts, kind, payload)
+            self._process(self._pop())
         for group in list(self._groups):
             self._decide_group(group)
         for span in list(self._held.values()):
@@ -270,9 +320,11 @@ class Causal:
             # its notifications were processed lag_ns after they happened: it has waited
             self._release(span)
 
-    def _process(self, ts: int, kind: int, payload: Any) -> None:
+    def _process(self, item: Any) -> None:
+        """One queued notification: a Call, or (ts, seq, kind, payload)."""
+        kind = item[2]
         if kind == _CALL:  # the most frequent notification first
-            call: Call = payload
+            call: Call = item
             if call.decided:
                 self._count_decided(call.span)
                 if call.finished:
@@ -288,13 +340,14 @@ class Causal:
                 flight = self._in_flight(comp, call.ts) if comp is not None else set()
                 g.candidates = flight if g.candidates is None else g.candidates & flight
             else:
-                self._decide([call])
+                self._decide_one(call)
                 if call.finished:
                     self._release(call.span)
                 else:
                     self._done(call.span.span_id)
-        elif kind == _UNIT:
-            conn, role, span_id, trace_id, ids = payload
+            return
+        if kind == _UNIT:
+            ts, _, _, conn, role, span_id, trace_id, ids = item
             comp = self._component_of(conn, role)
             if comp is not None:
                 u = Unit(span_id, trace_id, comp, ts, None, ids, set(ids))
@@ -307,14 +360,20 @@ class Causal:
                     c.ids.setdefault(i, set()).add(span_id)
                 heapq.heappush(self._opened, (ts, span_id))
             self._done(span_id)
-        elif kind == _END:
+            return
+        ts, payload = item[0], item[3]
+        if kind == _END:
             ending = self.units.get(payload)
             if ending is not None and ending.end is None:
                 ending.end = ts
                 comp_units = self._by_comp[ending.comp]
                 comp_units.open.pop(ending.span_id, None)
                 comp_units.ended[ending.span_id] = ending
-                heapq.heappush(self._ended, (ts, ending.span_id))
+                if ts >= self._ended_last:
+                    self._ended_last = ts
+                    self._ended_fifo.append((ts, ending.span_id))
+                else:
+                    heapq.heappush(self._ended, (ts, ending.span_id))
         elif kind == _UNIT_IDS:
             known = self.units.get(payload[0])
             if known is not None:
@@ -348,9 +407,13 @@ class Causal:
         order, so that is the open units (that started by ``ts``), plus, for a call
         reported late, units that ended at or after ``ts``."""
         c = self._by_comp.get(comp)
+        out: set[str] = set()
         if c is None:
-            return set()
-        out = {sid for sid, u in c.open.items() if u.start <= ts} if c.open else set()
+            return out
+        if c.open:  # a unit or two: a loop costs less than a comprehension's frame
+            for sid, u in c.open.items():
+                if u.start <= ts:
+                    out.add(sid)
         if not c.ended:
             return out
         for u in reversed(c.ended.values()):
@@ -420,7 +483,11 @@ class Causal:
                         matched = narrowed
             if len(matched) == 1:
                 chosen, method = next(iter(matched)), "shared_id"
-        if chosen is None and len(candidates) == 1 and self._timing_allowed(first.conn):
+        if (
+            chosen is None
+            and len(candidates) == 1
+            and (self._timing_allowed is None or self._timing_allowed(first.conn))
+        ):
             chosen, method = next(iter(candidates)), "timing"
         if chosen is not None:
             unit = self.units[chosen]
@@ -455,6 +522,93 @@ class Causal:
             c.span.attrs.setdefault(sc.SNIFF_CORRELATION_CONFIDENCE, 0.0)
         self.stats["none"] += len(calls)
 
+    def _decide_one(self, call: Call) -> None:
+        """``_decide([call])`` (the common case: one statement, one publish, one request),
+        computing the units in flight only when the decision needs them."""
+        span = call.span
+        own = span.span_id
+        ts = call.ts
+        ids = call.ids
+        comp = self._component_of(call.conn, "client")
+        candidates: set[str] | None = None
+        chosen: str | None = None
+        method = "none"
+        strong = _NO_IDS
+        if comp is not None and ids:
+            strong = ids  # the ids without the weak ones ("~..."), usually all of them
+            for i in ids:
+                if i.startswith("~"):
+                    strong = frozenset([i for i in ids if not i.startswith("~")])
+                    break
+            matched = self._id_matches(comp, strong, ts)
+            matched.discard(own)
+            if len(matched) > 1:
+                # an id the unit itself carried (its request, its message) is direct
+                # evidence; one it learnt from an earlier call (a shared image uuid) is not
+                units = self.units
+                native = {sid for sid in matched if not units[sid].native.isdisjoint(strong)}
+                if native:
+                    matched = native
+            if len(matched) > 1:  # several units share the id: those in flight, then weak ids
+                candidates = self._in_flight(comp, ts)
+                candidates.discard(own)
+                for narrower in (
+                    candidates,
+                    self._id_matches(comp, frozenset(set(ids) - strong), ts),
+                ):
+                    narrowed = matched & narrower
+                    if narrowed:
+                        matched = narrowed
+            if len(matched) == 1:
+                chosen, method = next(iter(matched)), "shared_id"
+        if chosen is None:
+            if candidates is None:
+                candidates = self._in_flight(comp, ts) if comp is not None else set()
+                candidates.discard(own)
+            if len(candidates) == 1 and (
+                self._timing_allowed is None or self._timing_allowed(call.conn)
+            ):
+                chosen, method = next(iter(candidates)), "timing"
+        if chosen is not None:
+            unit = self.units[chosen]
+            trace = self._trace(unit.trace_id)
+            # _attach(span, unit.span_id, trace, method), inlined
+            if span.trace_id != trace:
+                if span.kind in _PROPAGATES:
+                    self._alias(span.trace_id, trace)
+                span.trace_id = trace
+            span.parent_id = unit.span_id
+            attrs = span.attrs
+            attrs[sc.SNIFF_CORRELATION_METHOD] = method
+            attrs[sc.SNIFF_CORRELATION_CONFIDENCE] = 1.0
+            self.stats[method] += 1
+            # what a unit's calls carried is now known to belong to it: an instance
+            # uuid first seen in a request's INSERT ties its later UPDATE to it too
+            if ids:
+                learnt = strong - unit.ids
+                if learnt:
+                    unit.ids |= learnt
+                    index = self._by_comp[unit.comp].ids
+                    for i in learnt:
+                        index.setdefault(i, set()).add(unit.span_id)
+            return
+        attrs = span.attrs
+        if candidates:
+            n = len(candidates)
+            attrs[sc.SNIFF_CORRELATION_METHOD] = "timing"
+            attrs[sc.SNIFF_CORRELATION_CONFIDENCE] = round(1.0 / n, 4)
+            units = self.units
+            for sid in sorted(candidates):
+                u = units[sid]
+                span.links.append(
+                    Link(u.trace_id, sid, {sc.SNIFF_CORRELATION_CONFIDENCE: round(1.0 / n, 4)})
+                )
+            self.stats["ambiguous"] += 1
+            return
+        attrs.setdefault(sc.SNIFF_CORRELATION_METHOD, "none")
+        attrs.setdefault(sc.SNIFF_CORRELATION_CONFIDENCE, 0.0)
+        self.stats["none"] += 1
+
     def _attach(self, span: Span, parent: str, trace: str, method: str) -> None:
         if span.trace_id != trace:
             if span.kind in _PROPAGATES:
@@ -470,6 +624,9 @@ class Causal:
 
     def _forget(self, limit: int) -> None:
         forget_before = limit - self.recent_ns
+        fifo = self._ended_fifo
+        while fifo and fifo[0][0] < forget_before:
+            self._drop(fifo.popleft()[1])
         ended = self._ended
         while ended and ended[0][0] < forget_before:
             _, sid = heapq.heappop(ended)

@@ -26,7 +26,8 @@ from typing import Any, Protocol
 from correlate.causal import DEFAULT_LAG_NS, DEFAULT_RECENT_NS, Causal
 from correlate.identity import Component, ConnInfo, Identities
 from correlate.model import Span
-from sniff.events import ConnClose, ConnIdentity, ConnOpen, Event, ProxyUpstream
+from sniff.events import ConnClose, ConnIdentity, ConnOpen, Event, ProxyUpstream, event_class
+from sniff.store import field_names as _field_names
 
 log = logging.getLogger("sniff.correlate")
 
@@ -45,6 +46,11 @@ BUILDERS = {
 
 def _ignore(ev: Event) -> None:
     return None
+
+
+# a kind -> (the field names of its stored rows, what builds its event from row[1:])
+Layout = Callable[[str], tuple[list[str], Callable[..., Event]]]
+Row = list[Any]  # a stored event: [kind, ts, conn, v1, v2...] (sniff.store, format 3)
 
 
 class SpanBuilder(Protocol):
@@ -66,6 +72,7 @@ class Correlator:
         self.ttl_ns = (
             ttl_ns if ttl_ns is not None else int(float(self.options.get("ttl_s", 600)) * 1e9)
         )
+        self._no_timing = set(self.options.get("timing_exclude", []))
         self.causal = Causal(
             self._component_of,
             self.trace,
@@ -74,13 +81,13 @@ class Correlator:
             lag_ns=int(float(self.options.get("lag_ms", DEFAULT_LAG_NS / 1e6)) * 1e6),
             recent_ns=int(float(self.options.get("recent_s", DEFAULT_RECENT_NS / 1e9)) * 1e9),
             ttl_ns=self.ttl_ns,
-            timing_allowed=self._timing_allowed,
+            timing_allowed=self._timing_allowed if self._no_timing else None,
         )
-        self._no_timing = set(self.options.get("timing_exclude", []))
         self.conns: dict[int, ConnInfo] = {}
         self._closed: dict[int, int] = {}  # conn -> close ts, for delayed eviction
         self._builders: dict[str, SpanBuilder | None] = {}
         self._by_class: dict[type, Callable[[Event], None]] = {}  # event class -> handler
+        self._by_kind: dict[str, Callable[[Row], None]] = {}  # kind -> handler of its rows
         self._out: list[Span] = []
         self._aliases: dict[str, str] = {}
         self._alias_ts: dict[str, int] = {}  # insertion (event-time) order, for trimming
@@ -135,6 +142,66 @@ class Correlator:
             # event time instead of after every event does the same work in batches
             self._advance_at = ts + _ADVANCE_NS
             causal.advance(ts)
+
+    def _feed_rows(self, rows: list[Row], count: int, layout: Layout) -> None:
+        """Process ``count`` stored events (``[kind, ts, conn, ...]`` rows) popped from
+        the end of ``rows`` (the chunk, reversed: in time order), exactly as :meth:`_feed`
+        processes the events built from them, without building them: builders that can
+        read a kind's values from its rows take the rows (``layout`` names their fields),
+        the others get the event. Popped, each row is freed once it has been processed,
+        while its memory is still in the CPU's cache, and the next allocations reuse it
+        (measured on 1M events: 8-10% faster than freeing a chunk's rows after it)."""
+        handler = self._by_kind.get
+        causal = self.causal
+        now = self.now
+        next_expire = self._next_expire  # only _expire moves it
+        advance_at = self._advance_at
+        pop = rows.pop
+        for _ in range(count):
+            row = pop()
+            ts = row[1]
+            if ts > now:
+                now = self.now = ts
+            if ts >= next_expire:
+                self._expire()
+                next_expire = self._next_expire
+            fn = handler(row[0])
+            if fn is None:
+                fn = self._row_handler(row[0], layout)
+            fn(row)
+            causal.now = now
+            if ts >= advance_at:
+                advance_at = self._advance_at = ts + _ADVANCE_NS
+                causal.advance(ts)
+        self.stats["events"] += count
+
+    def _row_handler(self, kind: str, layout: Layout) -> Callable[[Row], None]:
+        """The function that takes rows of ``kind``: the builder's own (``row_handler_for``)
+        when the rows are laid out as the running class's fields, else one that builds
+        the event and hands it on as :meth:`_feed` would."""
+        names, ctor = layout(kind)
+        cls = event_class(kind)
+        fn: Callable[[Row], None] | None = None
+        if cls is not None and cls.protocol != "core" and names == _field_names(cls):
+            b = self._builders.get(cls.protocol, False)
+            if b is False:
+                b = self._load_builder(cls.protocol)
+            pick = getattr(b, "row_handler_for", None) if b is not None else None
+            if pick is not None:
+                fn = pick(cls, names, ctor)
+        if fn is None:
+            by_class = self._by_class
+            handler_for = self._handler_for
+
+            def fn(row: Row) -> None:
+                ev = ctor(*row[1:])
+                h = by_class.get(ev.__class__)
+                if h is None:
+                    h = handler_for(ev)
+                h(ev)
+
+        self._by_kind[kind] = fn
+        return fn
 
     def _handler_for(self, ev: Event) -> Callable[[Event], None]:
         """The function that takes events of ``ev``'s class: the core table, or the
@@ -225,6 +292,17 @@ class Correlator:
             self.stats["unknown_conn"] += 1
         return info
 
+    def client_of(self, conn: int) -> tuple[ConnInfo | None, str, dict[str, Any]]:
+        """``conn(conn)`` and ``service()`` of it in one call (one per span)."""
+        info = self.conns.get(conn)
+        if info is None:
+            self.stats["unknown_conn"] += 1
+            return None, "unknown", {"service.name": "unknown"}
+        c = info._client  # identities.client's own cache, read first: a call less
+        if c is None:
+            c = self.identities.client(info)
+        return info, c.name, c.resource
+
     def service(self, info: ConnInfo | None) -> tuple[str, dict[str, Any]]:
         """The client component of a connection: (service.name, resource attributes)."""
         if info is None:
@@ -252,7 +330,14 @@ class Correlator:
         info = self.conns.get(conn)
         if info is None:
             return None
-        comp = self.identities.client(info) if role == "client" else self.identities.server(info)
+        if role == "client":
+            comp = info._client  # identities.client's own cache, read first: a call less
+            if comp is None:
+                comp = self.identities.client(info)
+        else:
+            comp = info._server
+            if comp is None:
+                comp = self.identities.server(info)
         return comp.key
 
     def alias(self, wire_trace: str, canonical: str) -> None:
@@ -291,11 +376,14 @@ class Correlator:
     def _release(self, span: Span) -> None:
         info = self.conns.get(span.conn) if span.conn else None
         if info is not None:  # name it now: the process behind it is known by now
-            comp = (
-                self.identities.server(info)
-                if span.kind == "SERVER"
-                else self.identities.client(info)
-            )
+            if span.kind == "SERVER":
+                comp = info._server  # the identities' own caches, read first: a call less
+                if comp is None:
+                    comp = self.identities.server(info)
+            else:
+                comp = info._client
+                if comp is None:
+                    comp = self.identities.client(info)
             span.service = comp.name
             span.resource = comp.resource  # shared by the component's spans; never mutated
         aliases = self._aliases

@@ -35,6 +35,9 @@ the event, from the server's in-transaction status).
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from correlate import shared_ids
@@ -48,6 +51,8 @@ from exporters.semconv import (
     DB_QUERY_SUMMARY,
     DB_QUERY_TEXT,
     DB_RESPONSE_RETURNED_ROWS,
+    DB_RESPONSE_STATUS_CODE,
+    ERROR_TYPE,
     SNIFF_CORRELATION_CONFIDENCE,
     SNIFF_CORRELATION_METHOD,
     SNIFF_DB_BATCH_INDEX,
@@ -82,6 +87,43 @@ def derived_trace_id(span_id: str) -> str:
     return "5e1ff000" + span_id.rjust(16, "0")[:16] + "00000000"
 
 
+# what _values reads of a statement, in its order ("kind" first: row[0] of a stored row)
+_STMT_FIELDS = (
+    "kind",
+    "ts",
+    "conn",
+    "db_system",
+    "database",
+    "command",
+    "text",
+    "ts_end",
+    "status",
+    "error_code",
+    "error_message",
+    "rows_returned",
+    "rows_affected",
+    "span_id",
+    "statement_id",
+    "traceparent",
+    "warnings",
+    "batch",
+    "batch_size",
+    "trace_id",
+    "injected",
+    "truncated",
+    "params",
+    "transaction",
+    "transaction_end",
+    "ids",
+    "operation",
+    "tables",
+    "summary",
+)
+_STMT_GET = operator.attrgetter(*_STMT_FIELDS)
+_AT_OPERATION = _STMT_FIELDS.index("operation")
+_AT_TS_END = _STMT_FIELDS.index("ts_end")
+
+
 class _Txn:
     __slots__ = ("key", "last", "n", "start")
 
@@ -104,7 +146,7 @@ class SqlSpans:
     def handler_for(self, cls: type) -> Any:
         """The method for events of ``cls`` (the engine calls it directly)."""
         if issubclass(cls, SqlStatement):
-            return self._statement
+            return partial(self._values, _STMT_GET, None, 0)
         return self.feed
 
     def feed(self, ev: Event) -> None:
@@ -116,15 +158,7 @@ class SqlSpans:
     # --- statements ----------------------------------------------------------------------
 
     def _common(self, info: ConnInfo | None, ev: Any) -> dict[str, Any]:
-        system = ev.db_system or ("postgresql" if ev.protocol == "postgres" else "mysql")
-        # the connection's attributes, built once per (connection, system, database)
-        key = (ev.conn, system, ev.database, info is not None and bool(info.identity))
-        base = self._base.get(key)
-        if base is None:
-            base = self._base[key] = self._conn_attrs(info, ev, system)
-            if len(self._base) > 50_000:
-                self._base.clear()
-        a = base.copy()
+        a = self._base_attrs(info, ev.conn, ev.db_system, ev.protocol, ev.database).copy()
         if ev.status == "error":
             code = ev.error_code
             if code:
@@ -132,10 +166,30 @@ class SqlSpans:
             a[sc.ERROR_TYPE] = str(code) if code else "error"
         return a
 
-    def _conn_attrs(self, info: ConnInfo | None, ev: Any, system: str) -> dict[str, Any]:
-        a: dict[str, Any] = {sc.DB_SYSTEM_NAME: system, sc.SNIFF_CONN: ev.conn}
-        if ev.database:
-            a[sc.DB_NAMESPACE] = ev.database
+    def _base_attrs(
+        self,
+        info: ConnInfo | None,
+        conn: int,
+        db_system: str,
+        protocol: str,
+        database: str | None,
+    ) -> dict[str, Any]:
+        """The connection's attributes, built once per (connection, system, database)."""
+        system = db_system or ("postgresql" if protocol == "postgres" else "mysql")
+        key = (conn, system, database, info is not None and bool(info.identity))
+        base = self._base.get(key)
+        if base is None:
+            base = self._base[key] = self._conn_attrs(info, conn, database, system)
+            if len(self._base) > 50_000:
+                self._base.clear()
+        return base
+
+    def _conn_attrs(
+        self, info: ConnInfo | None, conn: int, database: str | None, system: str
+    ) -> dict[str, Any]:
+        a: dict[str, Any] = {sc.DB_SYSTEM_NAME: system, sc.SNIFF_CONN: conn}
+        if database:
+            a[sc.DB_NAMESPACE] = database
         if info is not None:
             a[sc.SERVER_ADDRESS] = info.server_addr
             a[sc.SERVER_PORT] = info.server_port
@@ -149,112 +203,180 @@ class SqlSpans:
                 a[sc.SNIFF_DB_USER] = login["user"]
         return a
 
+    def row_handler_for(
+        self, cls: type, names: list[str], ctor: Callable[..., Event]
+    ) -> Callable[[list[Any]], None] | None:
+        """What takes the stored rows of ``cls`` (laid out as ``names``) without building
+        events (see the engine's ``_feed_rows``): :meth:`_values` reading the row."""
+        if not issubclass(cls, SqlStatement):
+            return None
+        # row[0] is the kind; the fields follow in the order of names
+        get = operator.itemgetter(0, *(names.index(n) + 1 for n in _STMT_FIELDS[1:]))
+        at_infile = names.index("infile_bytes") + 1 if "infile_bytes" in names else 0
+        return partial(self._values, get, ctor, at_infile)
+
     def _statement(self, ev: SqlStatement) -> None:
-        # The hottest function of offline correlation (one call per statement): names
-        # are module constants (no attribute lookups), the rare fields are tested once.
-        if not ev.operation:  # not prepared (a hand-built event): analyse now
-            ev.prepare()
+        self._values(_STMT_GET, None, 0, ev)
+
+    def _values(
+        self,
+        get: Callable[[Any], tuple[Any, ...]],
+        ctor: Callable[..., Event] | None,
+        at_infile: int,
+        src: Any,
+    ) -> None:
+        """One statement: ``src`` is its event (``ctor`` None) or its stored row, whose
+        ``infile_bytes`` is at ``at_infile`` (0: the kind has none)."""
+        # The hottest function of offline correlation (one call per statement): the
+        # statement's fields are locals (read from its event or straight from its stored
+        # row by one C call), names are module constants, the rare fields tested once.
+        v = get(src)
+        if not v[_AT_OPERATION]:  # not prepared (a hand-built event): analyse now
+            if ctor is not None:
+                src = ctor(*src[1:])
+                ctor = None
+            src.prepare()
+            v = _STMT_GET(src)
+        if ctor is None:
+            infile_bytes = getattr(src, "infile_bytes", None)
+        else:
+            infile_bytes = src[at_infile] if at_infile else None
+        (
+            kind,
+            ts,
+            conn,
+            db_system,
+            database,
+            command,
+            text,
+            end,
+            status,
+            error_code,
+            error_message,
+            rows_returned,
+            rows_affected,
+            span_id,
+            statement_id,
+            traceparent,
+            warnings,
+            batch,
+            batch_size,
+            wire_trace_id,
+            injected,
+            truncated,
+            params,
+            transaction,
+            transaction_end,
+            ids,
+            operation,
+            tables,
+            summary,
+        ) = v
         e = self.e
-        info = e.conn(ev.conn)
-        service, resource = e.service(info)
-        a = self._common(info, ev)
-        op = ev.operation or ev.command
+        info, service, resource = e.client_of(conn)
+        # the connection's attributes, as _base_attrs (inlined: one call per statement less)
+        system = db_system or ("postgresql" if kind.split(".", 1)[0] == "postgres" else "mysql")
+        key = (conn, system, database, info is not None and bool(info.identity))
+        base = self._base.get(key)
+        if base is None:
+            base = self._base_attrs(info, conn, db_system, kind.split(".", 1)[0], database)
+        a = base.copy()
+        if status == "error":
+            if error_code:
+                a[DB_RESPONSE_STATUS_CODE] = str(error_code)
+            a[ERROR_TYPE] = str(error_code) if error_code else "error"
+        op = operation or command
         a[DB_OPERATION_NAME] = op
-        tables = ev.tables
         if tables:
             if len(tables) == 1:
                 a[DB_COLLECTION_NAME] = tables[0]
             a[SNIFF_DB_TABLES] = list(tables)
-        text = ev.text
         a[DB_QUERY_TEXT] = text if len(text) <= _TEXT_MAX else text[:_TEXT_MAX] + "..."
-        summary = ev.summary or op
+        summary = summary or op
         a[DB_QUERY_SUMMARY] = summary
-        if ev.rows_returned is not None:
-            a[DB_RESPONSE_RETURNED_ROWS] = ev.rows_returned
-        if ev.rows_affected is not None:
-            a[SNIFF_DB_ROWS_AFFECTED] = ev.rows_affected
-        if ev.batch_size and ev.batch_size > 1:
-            a[DB_OPERATION_BATCH_SIZE] = ev.batch_size
-            a[SNIFF_DB_BATCH_INDEX] = ev.batch
-        if ev.statement_id is not None:
-            a[SNIFF_DB_STATEMENT_ID] = ev.statement_id
-        if ev.warnings:
-            a[SNIFF_DB_WARNINGS] = ev.warnings
-        if ev.truncated:
+        if rows_returned is not None:
+            a[DB_RESPONSE_RETURNED_ROWS] = rows_returned
+        if rows_affected is not None:
+            a[SNIFF_DB_ROWS_AFFECTED] = rows_affected
+        if batch_size and batch_size > 1:
+            a[DB_OPERATION_BATCH_SIZE] = batch_size
+            a[SNIFF_DB_BATCH_INDEX] = batch
+        if statement_id is not None:
+            a[SNIFF_DB_STATEMENT_ID] = statement_id
+        if warnings:
+            a[SNIFF_DB_WARNINGS] = warnings
+        if truncated:
             a[SNIFF_DB_QUERY_TRUNCATED] = True
-        if ev.params:
-            for i, v in enumerate(ev.params):
-                a[f"{DB_QUERY_PARAMETER_PREFIX}{i}"] = "NULL" if v is None else v
-        a[SNIFF_DB_COMMAND] = ev.command
-        extra = getattr(ev, "infile_bytes", None)
-        if extra is not None:
-            a[SNIFF_DB_INFILE_BYTES] = extra
-        if ev.traceparent is None:
-            trace_id = ev.trace_id or derived_trace_id(ev.span_id)
+        if params:
+            for i, p in enumerate(params):
+                a[f"{DB_QUERY_PARAMETER_PREFIX}{i}"] = "NULL" if p is None else p
+        a[SNIFF_DB_COMMAND] = command
+        if infile_bytes is not None:
+            a[SNIFF_DB_INFILE_BYTES] = infile_bytes
+        if traceparent is None:
+            if wire_trace_id:
+                trace_id = wire_trace_id
+            elif len(span_id) == 16:  # derived_trace_id(span_id), inlined
+                trace_id = "5e1ff000" + span_id + "00000000"
+            else:
+                trace_id = derived_trace_id(span_id)
             parent = None
         else:
-            trace_id, parent = self._trace(ev)
+            trace_id, parent = _trace(traceparent, injected, span_id, wire_trace_id)
             if parent is not None:
                 a[SNIFF_CORRELATION_METHOD] = "propagated"
                 a[SNIFF_CORRELATION_CONFIDENCE] = 1.0
-            if ev.injected or parent is None:
-                a[SNIFF_INJECTED] = bool(ev.injected) or _is_own(ev)
-        ts = ev.ts
-        end = ev.ts_end
-        span = Span(
+            if injected or parent is None:
+                a[SNIFF_INJECTED] = bool(injected) or _is_own(traceparent, span_id)
+        if end <= ts:
+            end = ts
+        span = Span(  # all positional (keywords cost a third more)
             trace_id,
-            ev.span_id,
+            span_id,
             parent,
             summary,
             "CLIENT",
             ts,
-            end if end > ts else ts,
+            end,
             service,
             a,
             resource,
-            conn=ev.conn,
+            "ERROR" if status == "error" else "UNSET",
+            (error_message or f"error {error_code}") if status == "error" else "",
+            [],
+            [],
+            conn,
         )
-        if ev.status == "error":
-            span.status = "ERROR"
-            span.status_message = ev.error_message or f"error {ev.error_code}"
-        group = self._group(ev) if parent is None and ev.transaction is not None else None
+        group = (
+            self._group(conn, transaction, ts, v[_AT_TS_END])
+            if parent is None and transaction is not None
+            else None
+        )
         causal = e.causal
+        # call(span, conn, ts, ids, decided, group, finished), positionally
         causal.call(
             span,
-            ev.conn,
+            conn,
             ts,
-            shared_ids.values(ev.ids) if ev.ids else None,
-            decided=parent is not None,
-            group=group,
-            finished=True,
+            shared_ids.values(ids) if ids else None,
+            parent is not None,
+            group,
+            True,
         )
-        if group is not None and ev.transaction_end:
-            self.txns.pop((ev.conn, ev.transaction or 0), None)
-            causal.group_end(group, end if end > ts else ts)
+        if group is not None and transaction_end:
+            self.txns.pop((conn, transaction or 0), None)
+            causal.group_end(group, end)
 
-    def _trace(self, ev: SqlStatement) -> tuple[str, str | None]:
-        """(trace id, parent span id) from the statement's own wire context."""
-        wire = parse_traceparent(ev.traceparent)
-        if wire is not None:
-            if ev.injected or wire[1] == ev.span_id:  # sniff's own tag names this span
-                return wire[0], None
-            return wire[0], wire[1]  # the application's context: this span is its child
-        if ev.trace_id:
-            return ev.trace_id, None
-        return derived_trace_id(ev.span_id), None
-
-    def _group(self, ev: SqlStatement) -> Any:
-        if ev.transaction is None:
-            return None
-        key = (ev.conn, ev.transaction)
+    def _group(self, conn: int, transaction: int, ts: int, ts_end: int) -> Any:
+        key = (conn, transaction)
         t = self.txns.get(key)
         if t is None:
-            t = self.txns[key] = _Txn((ev.conn, ev.transaction, 0), ev.ts)
-        elif t.n >= TXN_MAX_STATEMENTS or ev.ts - t.start > TXN_MAX_NS:
-            self.e.causal.group_end(t.key, ev.ts)  # decide a never-ending transaction in slices
-            t = self.txns[key] = _Txn((ev.conn, ev.transaction, t.key[2] + 1), ev.ts)
+            t = self.txns[key] = _Txn((conn, transaction, 0), ts)
+        elif t.n >= TXN_MAX_STATEMENTS or ts - t.start > TXN_MAX_NS:
+            self.e.causal.group_end(t.key, ts)  # decide a never-ending transaction in slices
+            t = self.txns[key] = _Txn((conn, transaction, t.key[2] + 1), ts)
         t.n += 1
-        t.last = max(t.last, ev.ts_end)
+        t.last = max(t.last, ts_end)
         return t.key
 
     # --- other commands ------------------------------------------------------------------
@@ -317,6 +439,20 @@ class SqlSpans:
         self._end_txns(lambda k: True, now)
 
 
-def _is_own(ev: SqlStatement) -> bool:
-    wire = parse_traceparent(ev.traceparent)
-    return wire is not None and wire[1] == ev.span_id
+def _trace(
+    traceparent: str, injected: bool, span_id: str, trace_id: str | None
+) -> tuple[str, str | None]:
+    """(trace id, parent span id) from the statement's own wire context."""
+    wire = parse_traceparent(traceparent)
+    if wire is not None:
+        if injected or wire[1] == span_id:  # sniff's own tag names this span
+            return wire[0], None
+        return wire[0], wire[1]  # the application's context: this span is its child
+    if trace_id:
+        return trace_id, None
+    return derived_trace_id(span_id), None
+
+
+def _is_own(traceparent: str | None, span_id: str) -> bool:
+    wire = parse_traceparent(traceparent)
+    return wire is not None and wire[1] == span_id

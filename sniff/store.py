@@ -216,6 +216,7 @@ def encode_chunk(batch: list[Event]) -> tuple[str, int, int]:
 
 
 _ev_ts: Callable[[Event], int] = operator.attrgetter("ts")  # a C key for sorts and bisects
+_row_ts: Callable[[list[Any]], int] = operator.itemgetter(1)  # ts of a stored array
 _kind_conn: Callable[[Event], tuple[str, int]] = operator.attrgetter("kind", "conn")
 
 
@@ -570,6 +571,7 @@ class CaptureReader:
                 f"{p}: a capture in format {self.format}; this sniff reads formats "
                 f"{', '.join(READABLE_FORMATS)}"
             )
+        self._layouts: dict[str, tuple[list[str], Callable[..., Event]]] = {}
 
     def meta(self) -> dict[str, str]:
         return dict(self.db.execute("SELECT key, value FROM meta").fetchall())
@@ -732,6 +734,31 @@ class CaptureReader:
         for batch in self._batches(decode, _ev_ts, since_ns, until_ns):
             yield from batch
             del batch  # see _batches
+
+    def rows(
+        self, since_ns: int | None = None, until_ns: int | None = None
+    ) -> Iterator[list[list[Any]]]:
+        """Format 3: the events as stored, ``[kind, ts, conn, v1, v2...]`` arrays
+        (``bytes`` fields still their latin-1 strings), in lists whose concatenation is
+        in timestamp order; :meth:`layout` names each kind's values and builds its
+        event. For a consumer that reads a few fields of every event (the offline
+        correlator): no event object is built, which was about half of what reading
+        an event cost (``cls(*values)`` ~1.5-2 us, then freeing it)."""
+        if self.format == "2":
+            raise ValueError(f"{self.path}: a format-2 capture has no positional rows")
+        return self._batches(orjson.loads, _row_ts, since_ns, until_ns)
+
+    def layout(self, kind: str) -> tuple[list[str], Callable[..., Event]]:
+        """(the field names of ``kind``'s rows, what builds its event from ``row[1:]``,
+        ``bytes`` fields restored: as :meth:`events` builds it). ValueError for a
+        kind without a field list."""
+        lay = self._layouts.get(kind)
+        if lay is None:
+            names = self.fields().get(kind)  # read again: a kind added since, when being written
+            if names is None:
+                raise ValueError(f"{self.path}: events of kinds {[kind]} without a field list")
+            lay = self._layouts[kind] = (names, _constructor(kind, names))
+        return lay
 
     def select_events(
         self, kinds: Sequence[str], names: Sequence[str], json: Sequence[str] = ()

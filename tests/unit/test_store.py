@@ -356,3 +356,33 @@ def test_stats_the_same_in_both_formats(tmp_path: Path) -> None:
     assert out[0] == out[1]
     for want in ("AMQP publishes", "SQL statements", "HTTP requests"):
         assert want in out[1]
+
+
+def test_rows_are_the_stored_arrays_in_time_order(tmp_path: Path) -> None:
+    path = tmp_path / "cap.db"
+    rec = Recorder(path)
+    rec._write([Note(t, 1, "c", str(t)) for t in (10, 30, 50)])
+    rec._write([Note(t, 2, "c", str(t)) for t in (20, 40)])  # overlaps the first
+    rec.close()
+    _write3(tmp_path / "all.db", _instances())
+    for p in (path, tmp_path / "all.db"):
+        r = CaptureReader(p)
+        rows = [row for batch in r.rows() for row in batch]
+        # each row builds, through its kind's layout, the event events() gives
+        assert [r.layout(row[0])[1](*row[1:]) for row in rows] == list(r.events())
+        assert [row[1] for row in rows] == sorted(row[1] for row in rows)
+        for kind, names in r.fields().items():
+            assert r.layout(kind)[0] == names
+        r.close()
+    r = CaptureReader(path)
+    with pytest.raises(ValueError, match="without a field list"):
+        r.layout("core.conn_open")
+    rec = Recorder(path)  # a kind added after the reader listed the field lists
+    rec._write([ConnOpen(60, 3, "p", "amqp", "a", 1, "b", 2, "c", 3)])
+    rec.close()
+    assert r.layout("core.conn_open")[0] == field_names(ConnOpen)
+    r.close()
+    old = tmp_path / "old.db"
+    _write2(old, [_instances()])
+    with pytest.raises(ValueError, match="format-2"):
+        CaptureReader(old).rows()
