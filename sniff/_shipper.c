@@ -1179,6 +1179,14 @@ static PyObject *tee_lean(Tee *self, PyObject *data) {
         PyErr_SetString(PyExc_TypeError, "lean mode takes bytes");
         return NULL;
     }
+    if (self->write == NULL || self->ship == NULL || self->st == NULL) { /* not set whole */
+        Py_XDECREF(Tee_fast_off(self, NULL));
+        if (self->slow == NULL) {
+            PyErr_SetString(PyExc_RuntimeError, "Tee: no slow path set");
+            return NULL;
+        }
+        return PyObject_CallOneArg(self->slow, data);
+    }
     /* held for the call: a write may close the connection, whose cleanup clears these */
     PyObject *dec = Py_NewRef(self->dec), *st = Py_NewRef(self->st),
              *write = Py_NewRef(self->write), *sh = Py_NewRef(self->ship);
