@@ -535,8 +535,8 @@ static int flag_set(PyObject *flags, long ch, int f) {
  * so errors and odd cases keep one implementation. The ids come from xoshiro256** (as
  * tag_head's) unless the decoder was given its own id functions (tests): then those are
  * called, in the Python callbacks' order, so the differential tests cover this code too.
- * The shared RPC map is reached through two small Python methods (_lean_take,
- * _lean_remember), which also read the decoder's clock.
+ * The shared RPC map (an OrderedDict) is used from C as AmqpShared.take and .remember use
+ * it (rpc_take, rpc_remember), with the decoder's clock.
  */
 #define NO_C 1 /* for the Python path */
 
@@ -634,8 +634,98 @@ static const unsigned char *simple_traceparent(const unsigned char *d, const chd
     return (tz && sz) ? v : NULL;
 }
 
-static PyObject *s_frame_max, *s_c_ids, *s_span_id, *s_trace_id, *s_injected_now, *s_lean_take,
-    *s_lean_remember;
+static PyObject *s_frame_max, *s_c_ids, *s_span_id, *s_trace_id, *s_injected_now, *s_c_clock,
+    *s_clock, *s_pop, *s_ttl_ns, *s_max_entries, *s_trim, *s_assigned_now;
+
+/* The decoder's clock in ns: CLOCK_REALTIME when it is time.time_ns (dec._c_clock), else a
+ * call to it, as the Python callbacks make. */
+static int dec_now(PyObject *dec, long long *now) {
+    PyObject *v = PyObject_GetAttr(dec, s_c_clock);
+    if (v == NULL) return -1;
+    int c = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    if (c < 0) return -1;
+    if (c) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        *now = (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+        return 0;
+    }
+    PyObject *r = call_named(dec, s_clock, "()");
+    if (r == NULL) return -1;
+    *now = PyLong_AsLongLong(r);
+    Py_DECREF(r);
+    return (*now == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* AmqpShared.take(reply_to, corr, clock()) (proxies.amqp.decoder), on its OrderedDict from C:
+ * (trace id, span id) or None, new references; NULL on error. */
+static PyObject *rpc_take(PyObject *dec, PyObject *reply_to, PyObject *corr) {
+    long long now, ttl;
+    if (dec_now(dec, &now) < 0) return NULL;
+    PyObject *res = NULL, *hit = NULL, *key = NULL, *rpc = NULL;
+    PyObject *shared = PyObject_GetAttr(dec, s_shared);
+    if (shared == NULL || (rpc = PyObject_GetAttr(shared, s_rpc)) == NULL) goto out;
+    if ((key = PyTuple_Pack(2, reply_to, corr)) == NULL) goto out;
+    hit = PyObject_CallMethodObjArgs(rpc, s_pop, key, Py_None, NULL);
+    if (hit == NULL) goto out;
+    if (hit == Py_None) {
+        res = Py_NewRef(Py_None);
+        goto out;
+    }
+    if (!PyTuple_Check(hit) || PyTuple_GET_SIZE(hit) != 3) {
+        PyErr_SetString(PyExc_TypeError, "AmqpShared.rpc values must be (trace, span, ts)");
+        goto out;
+    }
+    long long ts = PyLong_AsLongLong(PyTuple_GET_ITEM(hit, 2));
+    if ((ts == -1 && PyErr_Occurred()) || get_ll(shared, s_ttl_ns, &ttl) < 0) goto out;
+    res = now - ts > ttl ? Py_NewRef(Py_None)
+                         : PyTuple_Pack(2, PyTuple_GET_ITEM(hit, 0), PyTuple_GET_ITEM(hit, 1));
+out:
+    Py_XDECREF(hit);
+    Py_XDECREF(key);
+    Py_XDECREF(rpc);
+    Py_XDECREF(shared);
+    return res;
+}
+
+/* AmqpShared.remember(...) then assigned_now.append((trace, span)), as _lean_remember. */
+static int rpc_remember(PyObject *dec, PyObject *reply_to, PyObject *corr, PyObject *trace,
+                        PyObject *span) {
+    long long now, max;
+    if (dec_now(dec, &now) < 0) return -1;
+    int rc = -1;
+    PyObject *rpc = NULL, *key = NULL, *val = NULL, *pair = NULL, *lst = NULL, *t = NULL;
+    PyObject *shared = PyObject_GetAttr(dec, s_shared);
+    if (shared == NULL || (rpc = PyObject_GetAttr(shared, s_rpc)) == NULL) goto out;
+    if ((key = PyTuple_Pack(2, reply_to, corr)) == NULL) goto out;
+    if ((t = PyLong_FromLongLong(now)) == NULL) goto out;
+    if ((val = PyTuple_Pack(3, trace, span, t)) == NULL) goto out;
+    if (PyObject_SetItem(rpc, key, val) < 0) goto out;
+    Py_ssize_t n = PyObject_Size(rpc);
+    if (n < 0 || get_ll(shared, s_max_entries, &max) < 0) goto out;
+    if (n > max) { /* the oldest evicted and counted, in Python (rare) */
+        PyObject *r = call_named(shared, s_trim, "()");
+        if (r == NULL) goto out;
+        Py_DECREF(r);
+    }
+    if ((pair = PyTuple_Pack(2, trace, span)) == NULL) goto out;
+    if ((lst = PyObject_GetAttr(dec, s_assigned_now)) == NULL) goto out;
+    if (!PyList_Check(lst)) {
+        PyErr_SetString(PyExc_TypeError, "assigned_now must be a list");
+        goto out;
+    }
+    rc = PyList_Append(lst, pair);
+out:
+    Py_XDECREF(t);
+    Py_XDECREF(val);
+    Py_XDECREF(key);
+    Py_XDECREF(pair);
+    Py_XDECREF(lst);
+    Py_XDECREF(rpc);
+    Py_XDECREF(shared);
+    return rc;
+}
 
 /* a new id as a str: from xoshiro256**, or from the decoder's own id function */
 static PyObject *draw_id(PyObject *dec, int c_ids, int trace) {
@@ -745,13 +835,13 @@ static PyObject *c_tag(PyObject *dec, const unsigned char *d, Py_ssize_t start, 
     if (rk != Py_None && (d[start + 12] & 4) && h.corr_n > 0) { /* an RPC reply? */
         PyObject *corr = PyUnicode_DecodeUTF8((const char *)d + h.corr, h.corr_n, "replace");
         if (corr == NULL) goto out;
-        request = call_named(dec, s_lean_take, "(OO)", rk, corr);
+        request = rpc_take(dec, rk, corr);
         Py_DECREF(corr);
         if (request == NULL) goto out;
         if (request == Py_None) {
             Py_CLEAR(request);
         } else if (!PyTuple_Check(request) || PyTuple_GET_SIZE(request) != 2) {
-            PyErr_SetString(PyExc_TypeError, "_lean_take must return (trace id, span id)");
+            PyErr_SetString(PyExc_TypeError, "the RPC map must give (trace id, span id)");
             goto out;
         }
     }
@@ -798,14 +888,12 @@ static int c_request(PyObject *dec, const unsigned char *d, Py_ssize_t start, Py
     PyObject *span = trace ? draw_id(dec, c_ids, 0) : NULL;
     PyObject *rto = span ? PyUnicode_DecodeUTF8((const char *)d + h.rto, h.rto_n, "replace") : NULL;
     PyObject *corr = rto ? PyUnicode_DecodeUTF8((const char *)d + h.corr, h.corr_n, "replace") : NULL;
-    PyObject *r = corr ? call_named(dec, s_lean_remember, "(OOOO)", rto, corr, trace, span) : NULL;
+    int rc = corr ? rpc_remember(dec, rto, corr, trace, span) : -1;
     Py_XDECREF(trace);
     Py_XDECREF(span);
     Py_XDECREF(rto);
     Py_XDECREF(corr);
-    if (r == NULL) return -1;
-    Py_DECREF(r);
-    return 0;
+    return rc < 0 ? -1 : 0;
 }
 
 static PyObject *lean_core(PyObject *dec, PyObject *st, PyObject *chunk) {
@@ -1084,7 +1172,7 @@ done:
  * decoder's _fail as in Python. Meta is bytes here: ids joined by ';', a pair as
  * "a:b" (proxies.amqp.handler.amqp_meta reads it).
  */
-static PyObject *s_passthrough, *s_started, *s_fail, *s_assigned_now;
+static PyObject *s_passthrough, *s_started, *s_fail;
 
 /* the decoder's id list `name` as meta bytes, emptied; NULL without an error: empty */
 static PyObject *take_meta(PyObject *dec, PyObject *name) {
@@ -1283,15 +1371,19 @@ PyMODINIT_FUNC PyInit__shipper(void) {
     s_span_id = PyUnicode_InternFromString("_span_id");
     s_trace_id = PyUnicode_InternFromString("_trace_id");
     s_injected_now = PyUnicode_InternFromString("injected_now");
-    s_lean_take = PyUnicode_InternFromString("_lean_take");
-    s_lean_remember = PyUnicode_InternFromString("_lean_remember");
+    s_c_clock = PyUnicode_InternFromString("_c_clock");
+    s_clock = PyUnicode_InternFromString("_clock");
+    s_pop = PyUnicode_InternFromString("pop");
+    s_ttl_ns = PyUnicode_InternFromString("ttl_ns");
+    s_max_entries = PyUnicode_InternFromString("max_entries");
+    s_trim = PyUnicode_InternFromString("_trim");
     s_passthrough = PyUnicode_InternFromString("passthrough");
     s_started = PyUnicode_InternFromString("started");
     s_fail = PyUnicode_InternFromString("_fail");
     s_assigned_now = PyUnicode_InternFromString("assigned_now");
     if (!s_passthrough || !s_started || !s_fail || !s_assigned_now) return NULL;
     if (!s_frame_max || !s_c_ids || !s_span_id || !s_trace_id || !s_injected_now ||
-        !s_lean_take || !s_lean_remember)
+        !s_c_clock || !s_clock || !s_pop || !s_ttl_ns || !s_max_entries || !s_trim)
         return NULL;
     if (getrandom(rng, sizeof rng, 0) != (ssize_t)sizeof rng) {
         PyErr_SetString(PyExc_OSError, "getrandom failed");

@@ -214,8 +214,14 @@ class AmqpShared:
     def remember(
         self, reply_to: str, correlation_id: str, trace_id: str, span_id: str, now: int
     ) -> None:
+        self.rpc[(reply_to, correlation_id)] = (trace_id, span_id, now)
+        if len(self.rpc) > self.max_entries:
+            self._trim()
+
+    def _trim(self) -> None:
+        """Evict the oldest entries beyond ``max_entries`` (also called by the C lean loop,
+        which stores entries itself)."""
         rpc = self.rpc
-        rpc[(reply_to, correlation_id)] = (trace_id, span_id, now)
         while len(rpc) > self.max_entries:
             rpc.popitem(last=False)
             self.evicted += 1
@@ -284,6 +290,7 @@ class AmqpDecoder:
         # the C lean loop may draw ids itself (its xoshiro256**) only with the default
         # id functions; given others (tests), it calls them as the Python callbacks do
         self._c_ids = new_span_id is ids.new_span_id and new_trace_id is ids.new_trace_id
+        self._c_clock = clock is time.time_ns  # ... and may read the clock itself
         # lean: the proxy side of decode = "capture": only the client stream, only
         # what injection needs, no events (the capture process decodes a copy)
         self.lean = lean
@@ -604,13 +611,14 @@ class AmqpDecoder:
 
     def _lean_take(self, reply_to: str, correlation_id: str) -> tuple[str, str] | None:
         """The (trace id, span id) of the delivered RPC request a reply answers, if known
-        (also called by the C lean loop)."""
+        (the C lean loop does the same in ``rpc_take``)."""
         return self._shared.take(reply_to, correlation_id, self._clock())
 
     def _lean_remember(
         self, reply_to: str, correlation_id: str, trace_id: str, span_id: str
     ) -> None:
-        """Note the ids chosen for a delivered RPC request (also called by the C lean loop)."""
+        """Note the ids chosen for a delivered RPC request (the C lean loop does the same in
+        ``rpc_remember``)."""
         self._shared.remember(reply_to, correlation_id, trace_id, span_id, self._clock())
         self.assigned_now.append((trace_id, span_id))
 

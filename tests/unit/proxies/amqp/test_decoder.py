@@ -665,3 +665,54 @@ def test_c_ids_tag_and_continue_rpc_traces() -> None:
     assert parent == consumer_span
     tp2 = _frames(out2)[1][1].properties.headers["traceparent"]
     assert tp2 == f"00-{trace}-{reply_span}-01"
+
+
+def _rpc_map_run(use_c: bool) -> tuple[Any, ...]:
+    """RPC requests delivered past the shared map's bound, then replies: one evicted, one
+    past the TTL by the decoder's own clock, one still known (the C loop's rpc_take and
+    rpc_remember, or the Python callbacks)."""
+    from pamqp import commands
+
+    import proxies.amqp.decoder as mod
+
+    now = [1_000]
+    counter = itertools.count(1)
+    shared = AmqpShared(max_entries=2, ttl_ns=500)
+    dec = AmqpDecoder(1, lambda ev: None, inject=True, lean=True, shared=shared,
+                      clock=lambda: now[0], emit_fields=lambda c, v: None,
+                      new_span_id=lambda: f"{next(counter):016x}",
+                      new_trace_id=lambda: f"{next(counter):032x}")  # fmt: skip
+    saved = mod._lean_feed
+    if not use_c:
+        mod._lean_feed = None
+    try:
+        dec.feed_client(b"AMQP\x00\x00\x09\x01")
+        for i in range(3):  # three requests for a map of two: the first is evicted
+            props = commands.Basic.Properties(reply_to="rq", correlation_id=f"c{i}")
+            deliver = commands.Basic.Deliver("ctag", i + 1, False, "", "work")
+            dec.scan_server(_content(1, deliver, props, b"x"))
+            now[0] += 300
+        assigned = dec.take_assigned()
+        tags = []
+        for i in range(3):  # c0: evicted; c1: 600 ns old, past the TTL; c2: known
+            props = commands.Basic.Properties(correlation_id=f"c{i}")
+            publish = commands.Basic.Publish(exchange="", routing_key="rq")
+            dec.feed_client(_content(1, publish, props, b"ok"))
+            tags.append(dec.take_injected())
+        return assigned, tags, shared.evicted, dict(shared.rpc)
+    finally:
+        mod._lean_feed = saved
+
+
+def test_rpc_map_bound_and_ttl_in_c_match_python() -> None:
+    import proxies.amqp.decoder as mod
+
+    if mod._lean_feed is None:
+        pytest.skip("sniff._shipper is not built (no C compiler at install)")
+    in_c = _rpc_map_run(True)
+    assert in_c == _rpc_map_run(False)
+    assigned, tags, evicted, left = in_c
+    assert len(assigned) == 3 and evicted == 1 and not left
+    # only the last reply continues its request's trace, as a child of its consumer span
+    assert [isinstance(t[0], tuple) for t in tags] == [False, False, True]
+    assert tags[2][0][1] == assigned[2][1]
