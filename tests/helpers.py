@@ -214,3 +214,34 @@ class AsyncServer:
 
         self.loop.call_soon_threadsafe(stop)
         self._thread.join(5)
+
+
+class RawSink:
+    """A capture sink without a process, for in-process relay tests: the C shipper appends
+    raw chunks to ``_buf`` (read them with ``sniff.capture_proc._unpack_raw``), events go to
+    ``events``, and chunks that took the Python ship path (``emit_raw``) to ``slow``."""
+
+    def __init__(self) -> None:
+        from sniff.capture_proc import CaptureShipper
+
+        self.events: list[Any] = []
+        self.slow: list[tuple[int, int, bytes, Any]] = []
+        self._buf = bytearray()
+        self._lock = threading.Lock()
+        self.raw_in = 0
+        self.raw_out = 0
+        self.max_raw_bytes = 1 << 30
+        self._shipper = CaptureShipper
+
+    def emit(self, ev: Any) -> None:
+        self.events.append(ev)
+
+    def emit_raw(self, conn: int, direction: int, ts: int, data: bytes, meta: Any = None) -> bool:
+        self.slow.append((conn, direction, data, meta))
+        return True
+
+    def raw_shipper(self, ctx: Any, direction: int) -> Any:
+        return self._shipper.raw_shipper(self, ctx, direction)  # type: ignore[arg-type]
+
+    def _py_shipper(self, ctx: Any, direction: int, slow: Any) -> Any:
+        return self._shipper._py_shipper(self, ctx, direction, slow)  # type: ignore[arg-type]

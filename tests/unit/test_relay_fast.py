@@ -7,41 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
-from typing import Any
 
 import pytest
 
 from sniff import capture_proc, relay
-from sniff.capture_proc import CaptureShipper, _unpack_raw
+from sniff.capture_proc import _unpack_raw
 from sniff.config import Address, ProxyConfig
 from sniff.events import ConnClose, Event
+from tests.helpers import RawSink
 
 pytestmark = pytest.mark.skipif(
     not relay.HAVE_C or capture_proc._PURE,
     reason="sniff._shipper is not built, or SNIFF_PURE_PYTHON=1 asks for the Python path",
 )
-
-
-class _Sink:
-    """A capture sink without a process: raw chunks go to an in-memory buffer."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self._buf = bytearray()
-        self._lock = threading.Lock()
-        self.raw_in = 0
-        self.raw_out = 0
-        self.max_raw_bytes = 1 << 30
-
-    def emit(self, ev: Event) -> None:
-        self.events.append(ev)
-
-    def emit_raw(self, conn: int, direction: int, ts: int, data: bytes, meta: Any = None) -> bool:
-        raise AssertionError("only the C shipper is expected here")
-
-    raw_shipper = CaptureShipper.raw_shipper
-    _py_shipper = CaptureShipper._py_shipper
 
 
 class _ShipOnly(relay.Handler):
@@ -67,7 +45,7 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 
 def test_fast_mode_forwards_ships_and_counts_every_byte() -> None:
-    sink = _Sink()
+    sink = RawSink()
     blob = os.urandom(3_000_000)
 
     async def main() -> tuple[bytes, bool]:
@@ -101,6 +79,7 @@ def test_fast_mode_forwards_ships_and_counts_every_byte() -> None:
     got, fast = asyncio.run(main())
     assert got == blob
     assert fast  # the client side went fast after the first chunk
+    assert not sink.slow  # every copy went through the C shipper
     chunks: list[Event] = []
     _unpack_raw(sink._buf, chunks)
     for direction in (0, 1):

@@ -7,7 +7,6 @@ consumer span the broker's side chose, and the shipped copies are the bytes forw
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Any
 
 import pytest
@@ -16,38 +15,15 @@ from pamqp import frame as pamqp_frame
 from proxies.amqp.decoder import AmqpShared
 from proxies.amqp.handler import AmqpCaptureHandler, amqp_meta
 from sniff import capture_proc, relay
-from sniff.capture_proc import CaptureShipper, _unpack_raw
+from sniff.capture_proc import _unpack_raw
 from sniff.config import Address, ProxyConfig
-from sniff.events import Event
 from tests.conftest import require_server
+from tests.helpers import RawSink
 
 pytestmark = pytest.mark.skipif(
     not relay.HAVE_C or capture_proc._PURE,
     reason="sniff._shipper is not built, or SNIFF_PURE_PYTHON=1 asks for the Python path",
 )
-
-
-class _Sink:
-    """A capture sink without a process: raw chunks go to an in-memory buffer."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self.slow: list[tuple[int, int, bytes, Any]] = []  # emit_raw calls (the slow path)
-        self._buf = bytearray()
-        self._lock = threading.Lock()
-        self.raw_in = 0
-        self.raw_out = 0
-        self.max_raw_bytes = 1 << 30
-
-    def emit(self, ev: Event) -> None:
-        self.events.append(ev)
-
-    def emit_raw(self, conn: int, direction: int, ts: int, data: bytes, meta: Any = None) -> bool:
-        self.slow.append((conn, direction, data, meta))
-        return True
-
-    raw_shipper = CaptureShipper.raw_shipper
-    _py_shipper = CaptureShipper._py_shipper
 
 
 def _content_headers(data: bytes) -> list[Any]:
@@ -65,7 +41,7 @@ def test_lean_mode_tags_ships_and_continues_rpc_traces() -> None:
     require_server("rabbitmq")
     import aio_pika
 
-    sink = _Sink()
+    sink = RawSink()
     shared = AmqpShared()
     seen_lean: set[tuple[int, str]] = set()
 

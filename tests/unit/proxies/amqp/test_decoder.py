@@ -478,6 +478,19 @@ def _lean_both_ways(chunks: list[tuple[int, bytes]]) -> tuple[Any, ...]:
     return b"".join(out), tags, assigned, errors, dec.passthrough, dec.frames, dec.heartbeats
 
 
+def _in_c_and_python(run: Any, *args: Any) -> tuple[Any, Any]:
+    """``run(*args)`` with the C lean loop, then with its Python reference."""
+    import proxies.amqp.decoder as mod
+
+    in_c = run(*args)
+    saved = mod._lean_feed
+    mod._lean_feed = None
+    try:
+        return in_c, run(*args)
+    finally:
+        mod._lean_feed = saved
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(0, 2**32), st.integers(0, 6), st.integers(1, 97))
 def test_fuzz_lean_loop_in_c_matches_python(seed: int, n: int, chunk: int) -> None:
@@ -495,13 +508,7 @@ def test_fuzz_lean_loop_in_c_matches_python(seed: int, n: int, chunk: int) -> No
         if buf:
             buf[rnd.randrange(len(buf))] ^= 1 << rnd.randrange(8)
     cut = [(d, bytes(b[i : i + chunk])) for d, b in chunks for i in range(0, len(b), chunk)]
-    in_c = _lean_both_ways(cut)
-    saved = mod._lean_feed
-    mod._lean_feed = None
-    try:
-        in_python = _lean_both_ways(cut)
-    finally:
-        mod._lean_feed = saved
+    in_c, in_python = _in_c_and_python(_lean_both_ways, cut)
     assert in_c == in_python
 
 
@@ -608,13 +615,7 @@ def test_fuzz_c_header_paths_match_python(seed: int, chunk: int) -> None:
         pytest.skip("sniff._shipper is not built (no C compiler at install)")
     session = _rpc_session(seed)
     cut = [(d, b[i : i + chunk]) for d, b in session for i in range(0, len(b), chunk)]
-    in_c = _lean_both_ways(cut)
-    saved = mod._lean_feed
-    mod._lean_feed = None
-    try:
-        in_python = _lean_both_ways(cut)
-    finally:
-        mod._lean_feed = saved
+    in_c, in_python = _in_c_and_python(_lean_both_ways, cut)
     assert in_c == in_python
     # every header here is well formed: the only errors are frames past a small frame_max
     assert all("exceeds frame_max" in reason for _, _, reason in in_c[3])
@@ -667,13 +668,11 @@ def test_c_ids_tag_and_continue_rpc_traces() -> None:
     assert tp2 == f"00-{trace}-{reply_span}-01"
 
 
-def _rpc_map_run(use_c: bool) -> tuple[Any, ...]:
+def _rpc_map_run() -> tuple[Any, ...]:
     """RPC requests delivered past the shared map's bound, then replies: one evicted, one
-    past the TTL by the decoder's own clock, one still known (the C loop's rpc_take and
-    rpc_remember, or the Python callbacks)."""
+    past the TTL by the decoder's own clock, one still known (through the C loop's rpc_take
+    and rpc_remember, or the Python callbacks: see _in_c_and_python)."""
     from pamqp import commands
-
-    import proxies.amqp.decoder as mod
 
     now = [1_000]
     counter = itertools.count(1)
@@ -682,26 +681,20 @@ def _rpc_map_run(use_c: bool) -> tuple[Any, ...]:
                       clock=lambda: now[0], emit_fields=lambda c, v: None,
                       new_span_id=lambda: f"{next(counter):016x}",
                       new_trace_id=lambda: f"{next(counter):032x}")  # fmt: skip
-    saved = mod._lean_feed
-    if not use_c:
-        mod._lean_feed = None
-    try:
-        dec.feed_client(b"AMQP\x00\x00\x09\x01")
-        for i in range(3):  # three requests for a map of two: the first is evicted
-            props = commands.Basic.Properties(reply_to="rq", correlation_id=f"c{i}")
-            deliver = commands.Basic.Deliver("ctag", i + 1, False, "", "work")
-            dec.scan_server(_content(1, deliver, props, b"x"))
-            now[0] += 300
-        assigned = dec.take_assigned()
-        tags = []
-        for i in range(3):  # c0: evicted; c1: 600 ns old, past the TTL; c2: known
-            props = commands.Basic.Properties(correlation_id=f"c{i}")
-            publish = commands.Basic.Publish(exchange="", routing_key="rq")
-            dec.feed_client(_content(1, publish, props, b"ok"))
-            tags.append(dec.take_injected())
-        return assigned, tags, shared.evicted, dict(shared.rpc)
-    finally:
-        mod._lean_feed = saved
+    dec.feed_client(b"AMQP\x00\x00\x09\x01")
+    for i in range(3):  # three requests for a map of two: the first is evicted
+        props = commands.Basic.Properties(reply_to="rq", correlation_id=f"c{i}")
+        deliver = commands.Basic.Deliver("ctag", i + 1, False, "", "work")
+        dec.scan_server(_content(1, deliver, props, b"x"))
+        now[0] += 300
+    assigned = dec.take_assigned()
+    tags = []
+    for i in range(3):  # c0: evicted; c1: 600 ns old, past the TTL; c2: known
+        props = commands.Basic.Properties(correlation_id=f"c{i}")
+        publish = commands.Basic.Publish(exchange="", routing_key="rq")
+        dec.feed_client(_content(1, publish, props, b"ok"))
+        tags.append(dec.take_injected())
+    return assigned, tags, shared.evicted, dict(shared.rpc)
 
 
 def test_rpc_map_bound_and_ttl_in_c_match_python() -> None:
@@ -709,8 +702,8 @@ def test_rpc_map_bound_and_ttl_in_c_match_python() -> None:
 
     if mod._lean_feed is None:
         pytest.skip("sniff._shipper is not built (no C compiler at install)")
-    in_c = _rpc_map_run(True)
-    assert in_c == _rpc_map_run(False)
+    in_c, in_python = _in_c_and_python(_rpc_map_run)
+    assert in_c == in_python
     assigned, tags, evicted, left = in_c
     assert len(assigned) == 3 and evicted == 1 and not left
     # only the last reply continues its request's trace, as a child of its consumer span
