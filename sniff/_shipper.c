@@ -276,6 +276,7 @@ typedef struct {
     PyObject *ship;    /* a Shipper, in fast mode */
     long long nbytes;  /* bytes forwarded in fast mode */
     PyObject *dec;     /* lean mode (see tee_lean): the AMQP decoder */
+    PyObject *err;     /* ... what handles an exception in it: err(exc, data, forwarded) */
     PyObject *st;      /* ... and its stream for this socket's bytes */
     int rewrite;       /* ... the client's side (tagged) or the broker's (scanned) */
 } Tee;
@@ -314,10 +315,12 @@ static PyObject *Tee_set_fast(Tee *self, PyObject *args) {
 }
 
 static PyObject *Tee_set_lean(Tee *self, PyObject *args) {
-    PyObject *write, *shipper, *dec, *st;
+    PyObject *write, *shipper, *dec, *st, *err = Py_None;
     int rewrite;
-    if (!PyArg_ParseTuple(args, "OO!OOp", &write, &ShipperType, &shipper, &dec, &st, &rewrite))
+    if (!PyArg_ParseTuple(args, "OO!OOp|O", &write, &ShipperType, &shipper, &dec, &st, &rewrite,
+                          &err))
         return NULL;
+    Py_XSETREF(self->err, err == Py_None ? NULL : Py_NewRef(err));
     Py_XSETREF(self->write, Py_NewRef(write));
     Py_XSETREF(self->ship, Py_NewRef(shipper));
     Py_XSETREF(self->dec, Py_NewRef(dec));
@@ -331,6 +334,7 @@ static PyObject *Tee_fast_off(Tee *self, PyObject *unused) {
     Py_CLEAR(self->ship);
     Py_CLEAR(self->dec);
     Py_CLEAR(self->st);
+    Py_CLEAR(self->err);
     Py_RETURN_NONE;
 }
 
@@ -340,6 +344,7 @@ static int Tee_traverse(Tee *self, visitproc visit, void *arg) {
     Py_VISIT(self->ship);
     Py_VISIT(self->dec);
     Py_VISIT(self->st);
+    Py_VISIT(self->err);
     return 0;
 }
 
@@ -349,6 +354,7 @@ static int Tee_clear(Tee *self) {
     Py_CLEAR(self->ship);
     Py_CLEAR(self->dec);
     Py_CLEAR(self->st);
+    Py_CLEAR(self->err);
     return 0;
 }
 
@@ -380,7 +386,7 @@ static PyMethodDef Tee_methods[] = {
     {"data_received", (PyCFunction)Tee_data_received, METH_O, "asyncio.Protocol.data_received"},
     {"set_fast", (PyCFunction)Tee_set_fast, METH_VARARGS, "set_fast(write, shipper)"},
     {"set_lean", (PyCFunction)Tee_set_lean, METH_VARARGS,
-     "set_lean(write, shipper, decoder, stream, rewrite): the AMQP lean mode"},
+     "set_lean(write, shipper, decoder, stream, rewrite, err=None): the AMQP lean mode"},
     {"fast_off", (PyCFunction)Tee_fast_off, METH_NOARGS, "back to slow mode"},
     {NULL},
 };
@@ -1277,27 +1283,25 @@ static PyObject *tee_lean(Tee *self, PyObject *data) {
     }
     /* held for the call: a write may close the connection, whose cleanup clears these */
     PyObject *dec = Py_NewRef(self->dec), *st = Py_NewRef(self->st),
-             *write = Py_NewRef(self->write), *sh = Py_NewRef(self->ship);
+             *write = Py_NewRef(self->write), *sh = Py_NewRef(self->ship),
+             *err = Py_XNewRef(self->err);
     PyObject *r = NULL, *res = NULL, *meta = NULL, *x;
-    int rewrite = self->rewrite;
+    int rewrite = self->rewrite, lean = 0, forwarded = 0;
     int pt = attr_true(dec, s_passthrough), started = pt ? 0 : attr_true(st, s_started);
     if (pt < 0 || started < 0) goto done;
     if (pt || !started) { /* the slow path: for this chunk, or for good */
-        if (pt) {
-            Py_CLEAR(self->write);
-            Py_CLEAR(self->ship);
-            Py_CLEAR(self->dec);
-            Py_CLEAR(self->st);
-        }
+        if (pt) Py_XDECREF(Tee_fast_off(self, NULL));
         res = self->slow ? PyObject_CallOneArg(self->slow, data) : NULL;
         if (res == NULL && !PyErr_Occurred())
             PyErr_SetString(PyExc_RuntimeError, "Tee: no slow path set");
         goto done;
     }
+    lean = 1;
     self->nbytes += PyBytes_GET_SIZE(data);
     if (!rewrite) { /* the broker's bytes: forwarded first, as they came */
         if ((x = PyObject_CallOneArg(write, data)) == NULL) goto done;
         Py_DECREF(x);
+        forwarded = 1;
     }
     if ((r = lean_core(dec, st, data)) == NULL) goto done;
     if (PyTuple_GET_ITEM(r, 1) != Py_None) { /* a framing error: passthrough from here */
@@ -1311,11 +1315,28 @@ static PyObject *tee_lean(Tee *self, PyObject *data) {
         if ((x = PyObject_CallOneArg(write, out)) == NULL) goto done;
         Py_DECREF(x);
     }
+    forwarded = 1;
     meta = take_meta(dec, rewrite ? s_injected_now : s_assigned_now);
     if (meta == NULL && PyErr_Occurred()) goto done;
     if (ship_meta((Shipper *)sh, out, meta) < 0) goto done;
     res = Py_NewRef(Py_None);
 done:
+    /* An exception in lean mode (not bad input, which is a protocol error above, but a bug
+     * or a failed allocation) is the connection's, not the event loop's: leave lean mode and
+     * let err handle it as the relay handles a failing handler in slow mode. */
+    if (res == NULL && lean && err != NULL && PyErr_ExceptionMatches(PyExc_Exception)) {
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        PyErr_NormalizeException(&et, &ev, &tb);
+        if (tb != NULL && ev != NULL) PyException_SetTraceback(ev, tb);
+        Py_XDECREF(Tee_fast_off(self, NULL));
+        res = PyObject_CallFunction(err, "OOO", ev ? ev : Py_None, data,
+                                    forwarded ? Py_True : Py_False);
+        Py_XDECREF(et);
+        Py_XDECREF(ev);
+        Py_XDECREF(tb);
+    }
+    Py_XDECREF(err);
     Py_XDECREF(r);
     Py_XDECREF(meta);
     Py_DECREF(dec);

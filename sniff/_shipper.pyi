@@ -29,6 +29,7 @@ class Tee:
         decoder: Any,
         stream: Any,
         rewrite: bool,
+        err: Callable[[BaseException, bytes, bool], None] | None = None,
     ) -> None: ...
     def fast_off(self) -> None: ...
 

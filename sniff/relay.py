@@ -202,7 +202,9 @@ except ImportError:  # no C compiler at install: the same protocol in Python, sl
         def set_fast(self, write: Any, shipper: Any) -> None:
             raise NotImplementedError
 
-        def set_lean(self, write: Any, shipper: Any, dec: Any, st: Any, rewrite: bool) -> None:
+        def set_lean(
+            self, write: Any, shipper: Any, dec: Any, st: Any, rewrite: bool, err: Any = None
+        ) -> None:
             raise NotImplementedError
 
         def fast_off(self) -> None:
@@ -482,8 +484,24 @@ class RelayConnection:
             or type(ship0) is not _Shipper
         ):
             return
-        side.set_lean(to.write, ship0 if client else ship1, dec, dec.c if client else dec.s, client)
+        side.set_lean(
+            to.write,
+            ship0 if client else ship1,
+            dec,
+            dec.c if client else dec.s,
+            client,
+            partial(self._lean_failed, client),
+        )
         self.fast = True
+
+    def _lean_failed(self, client: bool, exc: BaseException, data: bytes, forwarded: bool) -> None:
+        """An exception in a socket's C lean mode (a bug or a failed allocation; bad input
+        is a protocol error there): what a failing handler gets in slow mode. The chunk is
+        forwarded unless the C side had forwarded it already, with what was held back."""
+        held = self._handler_failed("c2s" if client else "s2c", exc)
+        out = held if forwarded else held + data
+        if out:
+            (self.write_server if client else self.write_client)(out)
 
     def _fast_check(self, h: Handler) -> None:
         """After a handler call in slow mode: a fast direction whose handler no longer only

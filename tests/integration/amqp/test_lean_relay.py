@@ -126,3 +126,42 @@ def test_lean_mode_tags_ships_and_continues_rpc_traces() -> None:
         assert headers
         for h in headers:
             assert "traceparent" in (h.properties.headers or {})
+
+
+def test_an_exception_in_lean_mode_fails_the_handler_not_the_connection() -> None:
+    """A bug inside the C lean mode (here: the decoder's id list replaced by a tuple) is
+    handled as a failing handler is in slow mode: recorded, passthrough from then on, and
+    the connection keeps working with every byte relayed."""
+    require_server("rabbitmq")
+    import aio_pika
+
+    from sniff.events import ProtocolError
+
+    sink = RawSink()
+
+    async def main() -> tuple[bytes, bool]:
+        cfg = ProxyConfig("mq", "amqp", Address("127.0.0.1", 0), Address("127.0.0.1", 5672))
+        lst = relay.RelayListener(cfg, sink, lambda ctx: AmqpCaptureHandler(ctx, 4096))
+        await lst.start()
+        conn = await aio_pika.connect(f"amqp://guest:guest@127.0.0.1:{lst.port}/")
+        ch = await conn.channel()
+        q = await ch.declare_queue("", exclusive=True)
+        (rc,) = lst.conns
+        assert rc.s_side is not None and rc.s_side.lean
+        assert rc.handler is not None and rc.handler.lean is not None
+        rc.handler.lean[0].assigned_now = ()  # the next broker chunk fails in take_meta
+        await ch.default_exchange.publish(aio_pika.Message(b"after"), routing_key=q.name)
+        msg = await q.get(timeout=10, fail=True)
+        assert msg is not None
+        await msg.ack()
+        lean_after = rc.s_side.lean or (rc.c_side is not None and rc.c_side.lean)
+        await conn.close()
+        await asyncio.sleep(0.1)
+        await lst.stop()
+        return msg.body, lean_after
+
+    body, lean_after = asyncio.run(main())
+    assert body == b"after"
+    assert not lean_after
+    errors = [e for e in sink.events if isinstance(e, ProtocolError)]
+    assert any("internal decoder error: TypeError" in e.reason for e in errors)
