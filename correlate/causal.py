@@ -497,12 +497,8 @@ class Causal:
             self.stats[method] += len(calls)
             # what a unit's calls carried is now known to belong to it: an instance
             # uuid first seen in a request's INSERT ties its later UPDATE to it too
-            learnt = {i for i in ids if not i.startswith("~")} - unit.ids if ids else None
-            if learnt:
-                unit.ids |= learnt
-                index = self._by_comp[unit.comp].ids
-                for i in learnt:
-                    index.setdefault(i, set()).add(unit.span_id)
+            if ids:
+                self._learn(unit, {i for i in ids if not i.startswith("~")})
             return
         if candidates:
             n = len(candidates)
@@ -572,25 +568,12 @@ class Causal:
         if chosen is not None:
             unit = self.units[chosen]
             trace = self._trace(unit.trace_id)
-            # _attach(span, unit.span_id, trace, method), inlined
-            if span.trace_id != trace:
-                if span.kind in _PROPAGATES:
-                    self._alias(span.trace_id, trace)
-                span.trace_id = trace
-            span.parent_id = unit.span_id
-            attrs = span.attrs
-            attrs[sc.SNIFF_CORRELATION_METHOD] = method
-            attrs[sc.SNIFF_CORRELATION_CONFIDENCE] = 1.0
+            self._attach(span, unit.span_id, trace, method)
             self.stats[method] += 1
             # what a unit's calls carried is now known to belong to it: an instance
             # uuid first seen in a request's INSERT ties its later UPDATE to it too
             if ids:
-                learnt = strong - unit.ids
-                if learnt:
-                    unit.ids |= learnt
-                    index = self._by_comp[unit.comp].ids
-                    for i in learnt:
-                        index.setdefault(i, set()).add(unit.span_id)
+                self._learn(unit, strong)
             return
         attrs = span.attrs
         if candidates:
@@ -608,6 +591,15 @@ class Causal:
         attrs.setdefault(sc.SNIFF_CORRELATION_METHOD, "none")
         attrs.setdefault(sc.SNIFF_CORRELATION_CONFIDENCE, 0.0)
         self.stats["none"] += 1
+
+    def _learn(self, unit: Unit, ids: set[str] | frozenset[str]) -> None:
+        """What a unit's calls carried is now known to belong to it (strong ids only)."""
+        learnt = ids - unit.ids
+        if learnt:
+            unit.ids |= learnt
+            index = self._by_comp[unit.comp].ids
+            for i in learnt:
+                index.setdefault(i, set()).add(unit.span_id)
 
     def _attach(self, span: Span, parent: str, trace: str, method: str) -> None:
         if span.trace_id != trace:

@@ -298,9 +298,7 @@ class Correlator:
         if info is None:
             self.stats["unknown_conn"] += 1
             return None, "unknown", {"service.name": "unknown"}
-        c = info._client  # identities.client's own cache, read first: a call less
-        if c is None:
-            c = self.identities.client(info)
+        c = self.identities.client(info)
         return info, c.name, c.resource
 
     def service(self, info: ConnInfo | None) -> tuple[str, dict[str, Any]]:
@@ -330,15 +328,8 @@ class Correlator:
         info = self.conns.get(conn)
         if info is None:
             return None
-        if role == "client":
-            comp = info._client  # identities.client's own cache, read first: a call less
-            if comp is None:
-                comp = self.identities.client(info)
-        else:
-            comp = info._server
-            if comp is None:
-                comp = self.identities.server(info)
-        return comp.key
+        ids = self.identities
+        return (ids.client(info) if role == "client" else ids.server(info)).key
 
     def alias(self, wire_trace: str, canonical: str) -> None:
         if wire_trace != canonical:
@@ -376,14 +367,8 @@ class Correlator:
     def _release(self, span: Span) -> None:
         info = self.conns.get(span.conn) if span.conn else None
         if info is not None:  # name it now: the process behind it is known by now
-            if span.kind == "SERVER":
-                comp = info._server  # the identities' own caches, read first: a call less
-                if comp is None:
-                    comp = self.identities.server(info)
-            else:
-                comp = info._client
-                if comp is None:
-                    comp = self.identities.client(info)
+            ids = self.identities
+            comp = ids.server(info) if span.kind == "SERVER" else ids.client(info)
             span.service = comp.name
             span.resource = comp.resource  # shared by the component's spans; never mutated
         aliases = self._aliases
