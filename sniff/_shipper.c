@@ -970,8 +970,7 @@ static PyObject *lean_core(PyObject *dec, PyObject *st, PyObject *chunk) {
     while (n - pos >= 7) {
         unsigned ftype = d[pos];
         long ch = (long)(d[pos + 1] << 8 | d[pos + 2]);
-        unsigned long long size = (unsigned long long)d[pos + 3] << 24 | d[pos + 4] << 16 |
-                                  d[pos + 5] << 8 | d[pos + 6];
+        unsigned long long size = be32(d + pos + 3);
         Py_ssize_t end = pos + 8 + (Py_ssize_t)size;
         if (ftype == 3) {
             if (end > n) {
