@@ -52,15 +52,29 @@ _PROPAGATES = frozenset(("PRODUCER", "SERVER"))
 DEFAULT_RECENT_NS = 60 * 10**9
 
 
-@dataclass(slots=True)
 class Unit:
-    span_id: str
-    trace_id: str
-    comp: str
-    start: int
-    end: int | None = None
-    ids: set[str] = field(default_factory=set)  # native and learnt
-    native: set[str] = field(default_factory=set)  # what the unit itself carried
+    """A unit of work. A plain class, not a dataclass: compiled (setup.py), its
+    constructor is then native (a dataclass's stays the generated Python)."""
+
+    __slots__ = ("comp", "end", "ids", "native", "span_id", "start", "trace_id")
+
+    def __init__(
+        self,
+        span_id: str,
+        trace_id: str,
+        comp: str,
+        start: int,
+        end: int | None = None,
+        ids: set[str] | None = None,
+        native: set[str] | None = None,
+    ) -> None:
+        self.span_id = span_id
+        self.trace_id = trace_id
+        self.comp = comp
+        self.start = start
+        self.end = end
+        self.ids: set[str] = set() if ids is None else ids  # native and learnt
+        self.native: set[str] = set() if native is None else native  # what it carried
 
 
 class Call(NamedTuple):

@@ -20,9 +20,11 @@ def iter_spans(
     since_ns: int | None = None,
     until_ns: int | None = None,
     batch: int = 5000,
+    correlator: Correlator | None = None,
 ) -> Iterator[list[Span]]:
-    """Yield finished spans in batches while streaming the capture's events."""
-    corr = Correlator(services=services, options=options)
+    """Yield finished spans in batches while streaming the capture's events (through
+    ``correlator`` when given, e.g. to watch its ``stats``, else a new one)."""
+    corr = correlator if correlator is not None else Correlator(services=services, options=options)
     pending: list[Span] = []
     # The correlator keeps a large, long-lived heap of small objects; the default
     # GC thresholds would walk it again and again (measured: ~30% of the time). Its

@@ -37,4 +37,9 @@ if .venv/bin/python -c "import sniff._shipper" 2>/dev/null; then
 else
   echo "setup: warning: the C relay extension did not build (is gcc there?); sniff runs its slower pure-Python path" >&2
 fi
+if .venv/bin/python -c "import correlate, sys; sys.exit(0 if correlate.NATIVE else 1)" 2>/dev/null; then
+  echo "setup: the correlator is compiled with mypyc (correlate/_native__mypyc)"
+else
+  echo "setup: warning: the correlator was not compiled with mypyc; it runs as Python (slower offline)" >&2
+fi
 echo "setup: ready (.venv/bin/sniff)"

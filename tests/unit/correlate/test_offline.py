@@ -3,7 +3,6 @@ spans must be exactly those the events themselves give (every field, in order)."
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +181,7 @@ def _fields(spans: list[Span]) -> list[tuple[Any, ...]]:
     """Every field of every span, dicts as their items (their order counts too)."""
     out = []
     for s in spans:
-        d = dataclasses.asdict(s)
+        d = s.as_dict()
         for k in ("attrs", "resource"):
             d[k] = list(d[k].items())
         d["links"] = [(x["trace_id"], x["span_id"], list(x["attrs"].items())) for x in d["links"]]
