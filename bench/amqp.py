@@ -394,7 +394,12 @@ def main() -> int:
             if "rpc" in only:
                 print(f"round {round_ + 1}: RPC, all paths interleaved ...", flush=True)
                 waited += settle(quiet)
-                for name, xs in bench_rpc(paths, rpc_n).items():
+                before = {k: cpu_seconds(v) for k, v in cpu_of.items()}
+                got_rpc = bench_rpc(paths, rpc_n)
+                for k, v in cpu_of.items():  # each relay carried rpc_n of the calls
+                    if k != "broker":
+                        cpu.setdefault(("rpc", k), []).append((cpu_seconds(v) - before[k]) / rpc_n)
+                for name, xs in got_rpc.items():
                     rounds_rpc.setdefault(name, []).append((statistics.median(xs), pct(xs, 0.99)))
         # RPC: the round whose sniff-added median is the median of the rounds'
         if rounds_rpc:
@@ -444,6 +449,14 @@ def main() -> int:
         print(
             f"added median latency: plain relay {added_p * 1e6:.0f} us, "
             f"sniff {added_s * 1e6:.0f} us -> sniff/plain {ratio:.2f}x (bar <= 1.25x)"
+        )
+        print(
+            "CPU per RPC round trip (us, median of rounds; /proc utime+stime): "
+            + ", ".join(
+                f"{k} {statistics.median(v) * 1e6:.0f}"
+                for (pth, k), v in sorted(cpu.items())
+                if pth == "rpc"
+            )
         )
     if "pub" in only:
         print(
