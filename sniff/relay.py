@@ -82,6 +82,9 @@ class Handler:
     # (decoder, client-side shipper, broker-side shipper): the AMQP capture handler's lean
     # loop, which the relay may run in C for both sockets (see RelayConnection._lean_on)
     lean: tuple[Any, Any, Any] | None = None
+    # (injector, tagger, the injector's state between requests): the HTTP capture
+    # handler's commonest client chunk, which the relay may take in C (_head_on)
+    head: tuple[Any, Any, int] | None = None
 
     def __init__(self, ctx: ConnContext) -> None:
         self.ctx = ctx
@@ -194,6 +197,7 @@ except ImportError:  # no C compiler at install: the same protocol in Python, sl
         slow: Callable[[bytes], Any]
         fast = False
         lean = False
+        head = False
         nbytes = 0
 
         def data_received(self, data: bytes) -> None:
@@ -207,11 +211,15 @@ except ImportError:  # no C compiler at install: the same protocol in Python, sl
         ) -> None:
             raise NotImplementedError
 
+        def set_head(self, write: Any, injector: Any, tagger: Any, head_state: int) -> None:
+            raise NotImplementedError
+
         def fast_off(self) -> None:
             pass
 
 
 HAVE_C = _Shipper is not None  # the C relay extension is built (sniff run warns if not)
+TeeBase = _TeeBase  # the base of every relayed socket's protocol object (also HTTP's)
 
 
 class _Side(_TeeBase, asyncio.Protocol):
@@ -400,12 +408,16 @@ class RelayConnection:
                 out = h.c2s(data)
             except Exception as e:
                 out = self._handler_failed("c2s", e) + data
+                h = self.handler  # passthrough now
+                assert h is not None
             if out:
                 s_t.write(out)
             if self.fast:  # the handler may have taken the other direction back
                 self._fast_check(h)
             if h.lean is not None:
                 self._lean_on(h.lean, True)
+            elif h.head is not None:
+                self._head_on(h.head)
         else:
             s_t.write(data)
             try:
@@ -494,6 +506,16 @@ class RelayConnection:
         )
         self.fast = True
 
+    def _head_on(self, head: tuple[Any, Any, int]) -> None:
+        """The HTTP injector's commonest client chunk (a keep-alive client repeating its
+        previous head) taken in C for the client's socket: see the Tee's head mode."""
+        side, to = self.c_side, self.s_t
+        if side is None or to is None or self.closed or side.fast or not HAVE_C:
+            return
+        injector, tagger, head_state = head
+        side.set_head(to.write, injector, tagger, head_state)
+        self.fast = True
+
     def _lean_failed(self, client: bool, exc: BaseException, data: bytes, forwarded: bool) -> None:
         """An exception in a socket's C lean mode (a bug or a failed allocation; bad input
         is a protocol error there): what a failing handler gets in slow mode. The chunk is
@@ -512,6 +534,9 @@ class RelayConnection:
             fn: Any = h.c2s
             if c.lean:
                 if not h.observe or h.lean is None:
+                    c.fast_off()
+            elif c.head:
+                if not h.observe or h.head is None:
                     c.fast_off()
             elif not h.observe or h.rewrite_c2s or type(fn) is not _Shipper:
                 c.fast_off()
@@ -572,6 +597,7 @@ class RelayConnection:
         self._record_failure(direction, exc)
         assert self.ctx is not None
         self.handler = Handler(self.ctx)
+        self._fast_off()  # no C mode keeps running the failed handler's logic
         return held
 
     @staticmethod

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from proxies.http.decoder import _TUNNEL, ANNOUNCE_AFTER_NS, Http1Decoder
+from proxies.http.decoder import _HEAD, _TUNNEL, ANNOUNCE_AFTER_NS, Http1Decoder
 from proxies.http.injector import Http1Injector
 from sniff.events import Note
 from sniff.relay import ConnContext, Handler
@@ -94,6 +94,8 @@ class HttpCaptureHandler(Handler):
             )
             self.c2s = inj.feed_client  # type: ignore[method-assign]
             self.flush_c2s = inj.flush_client  # type: ignore[method-assign]
+            if inj.tagger is not None:  # its commonest chunk in C (sniff.relay._head_on)
+                self.head = (inj, inj.tagger, _HEAD)
         else:
             self.c2s = ctx.shipper(0)  # type: ignore[assignment]
 

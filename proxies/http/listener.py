@@ -45,6 +45,7 @@ from sniff.relay import (
     ListenError,
     RelayConnection,
     RelayListener,
+    TeeBase,
     describe_listen_error,
 )
 
@@ -73,16 +74,17 @@ class _Variant:
         self.parent.total = value
 
 
-class _Bound(asyncio.Protocol):
-    """Socket callbacks for a routed connection, straight to its RelayConnection."""
+class _Bound(TeeBase, asyncio.Protocol):
+    """Socket callbacks for a routed connection, straight to its RelayConnection: the
+    client's side of it (``data_received``, from the C base, calls ``from_client``, or
+    in the relay's fast modes forwards in C; see sniff.relay._Side)."""
 
     __slots__ = ("conn",)
 
     def __init__(self, conn: RelayConnection) -> None:
         self.conn = conn
-
-    def data_received(self, data: bytes) -> None:
-        self.conn.from_client(data)
+        self.slow = conn.from_client
+        conn.c_side = self
 
     def eof_received(self) -> bool:
         return self.conn.eof(True)
