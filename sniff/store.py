@@ -5,7 +5,8 @@ Strategy. ``emit`` is the only thing the proxies call: a length check and a
 on disk. When the deque holds ``max_queue`` events, new ones are dropped and
 counted; traffic never slows. A writer thread wakes every ``interval``
 seconds, drains the deque, runs each event's off-hot-path ``prepare()``, and
-writes the whole batch as ONE row: a JSON array of events in time order. A row
+writes the whole batch in one transaction as rows of up to ``CHUNK_EVENTS`` (1,024)
+events: JSON arrays of events in time order. A row
 per event cost 10-18 us of SQLite work each (measured here); a row per batch
 costs a fraction of a microsecond per event and keeps the writer from
 competing with the proxies for the GIL. The same batch then goes to the
@@ -196,6 +197,14 @@ def _getter(cls: type[Event]) -> Callable[[Event], tuple[Any, ...]]:
         # every event has ts and conn: at least two names, so attrgetter returns a tuple
         get = _getters[cls] = operator.attrgetter(*field_names(cls))
     return get
+
+
+# Events per stored chunk, at most. Readers decode a chunk whole before handing its
+# events on; a writer batch of 20,000 events made 5 MB chunks, decoded into 10-20 MB of
+# objects that left the CPU's caches before they were used. Measured offline on 100,000
+# events (cachegrind, 32 MiB last-level cache): 10.2M -> 4.9M last-level misses with
+# chunks of 1,024; on 1M events, alternated: faster in 6 of 8 pairs, by about 8%.
+CHUNK_EVENTS = 1024
 
 
 def encode_chunk(batch: list[Event]) -> tuple[str, int, int]:
@@ -430,7 +439,13 @@ class Recorder:
             self.resolver.request_listen(proxy, host, port)
 
     def _write(self, batch: list[Event]) -> None:
-        data, ts_min, ts_max = encode_chunk(batch)
+        # in time order, as rows of at most CHUNK_EVENTS events (see CHUNK_EVENTS)
+        batch.sort(key=_ev_ts)
+        chunks = []
+        for k in range(0, len(batch), CHUNK_EVENTS):
+            piece = batch[k : k + CHUNK_EVENTS]
+            data, ts_min, ts_max = encode_chunk(piece)
+            chunks.append((ts_min, ts_max, len(piece), data))
         counts = Counter(map(_kind_conn, batch))
         with self._db:
             if any(k not in self._fields for k, _ in counts):
@@ -441,9 +456,8 @@ class Recorder:
                 _add_fields(self._db, new)
                 self._fields.update(new)
                 _create_view(self._db, self._fields)
-            self._db.execute(
-                "INSERT INTO chunks(ts_min, ts_max, n, data) VALUES (?, ?, ?, ?)",
-                (ts_min, ts_max, len(batch), data),
+            self._db.executemany(
+                "INSERT INTO chunks(ts_min, ts_max, n, data) VALUES (?, ?, ?, ?)", chunks
             )
             self._db.executemany(
                 "INSERT INTO counts(kind, conn, n) VALUES (?, ?, ?) "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import itertools
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,25 @@ def test_overlapping_chunks_come_out_in_order(tmp_path: Path) -> None:
     r = CaptureReader(path)
     assert [e.ts for e in r.events()] == [10, 20, 30, 40, 50, 60, 70, 80]
     assert [t for _, t in ((k, d["ts"]) for k, d in r.raw())] == [10, 20, 30, 40, 50, 60, 70, 80]
+    r.close()
+
+
+def test_a_large_batch_is_stored_as_chunks_of_bounded_size(tmp_path: Path) -> None:
+    from sniff.store import CHUNK_EVENTS
+
+    path = tmp_path / "cap.db"
+    rec = Recorder(path)
+    n = 2 * CHUNK_EVENTS + 5
+    rec._write([Note(n - t, t % 3, "c", str(t)) for t in range(n)])  # in reverse time order
+    rec.close()
+    db = sqlite3.connect(path)
+    rows = db.execute("SELECT ts_min, ts_max, n FROM chunks ORDER BY id").fetchall()
+    db.close()
+    assert [r[2] for r in rows] == [CHUNK_EVENTS, CHUNK_EVENTS, 5]
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(rows))  # in time order
+    r = CaptureReader(path)
+    assert r.count() == n
+    assert [e.ts for e in r.events()] == list(range(1, n + 1))
     r.close()
 
 
