@@ -26,19 +26,19 @@ from correlate.offline import all_spans
 from sniff.store import CaptureReader
 from tests.unit.correlate.test_offline import _fields
 spans = all_spans(CaptureReader(sys.argv[1]), options={"lag_ms": 20})
-print(json.dumps({"native": correlate.NATIVE,
-                  "engine": correlate.engine.__file__ if hasattr(correlate, "engine") else "",
-                  "spans": _fields(spans)}, default=repr))
+print(json.dumps({"native": correlate.NATIVE, "spans": _fields(spans)}, default=repr))
 """
 
 
-def _dump(path: Path, pure: bool) -> dict[str, object]:
+def _python(code: str, *args: str, pure: bool) -> str:
+    """``code`` run by a new interpreter in the repository, with or without
+    SNIFF_PURE_PYTHON=1: its standard output."""
     env = dict(os.environ)
     env.pop("SNIFF_PURE_PYTHON", None)
     if pure:
         env["SNIFF_PURE_PYTHON"] = "1"
-    out = subprocess.run(
-        [sys.executable, "-c", _DUMP, str(path)],
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -46,7 +46,10 @@ def _dump(path: Path, pure: bool) -> dict[str, object]:
         check=True,
         timeout=120,
     ).stdout
-    res: dict[str, object] = json.loads(out)
+
+
+def _dump(path: Path, pure: bool) -> dict[str, object]:
+    res: dict[str, object] = json.loads(_python(_DUMP, str(path), pure=pure))
     return res
 
 
@@ -102,19 +105,9 @@ def test_sources_newer_than_the_build_are_reported(
 
 
 def test_the_python_sources_are_what_pure_mode_imports() -> None:
-    env = dict(os.environ, SNIFF_PURE_PYTHON="1")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import correlate, correlate.engine as e, correlate.model as m; "
-            "print(correlate.NATIVE, e.__file__.endswith('.py'), m.__file__.endswith('.py'))",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout.split()
+    out = _python(
+        "import correlate, correlate.engine as e, correlate.model as m; "
+        "print(correlate.NATIVE, e.__file__.endswith('.py'), m.__file__.endswith('.py'))",
+        pure=True,
+    ).split()
     assert out == ["False", "True", "True"]
