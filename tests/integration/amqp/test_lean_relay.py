@@ -85,7 +85,13 @@ def test_lean_mode_tags_ships_and_continues_rpc_traces() -> None:
             aio_pika.Message(b"ping", reply_to=replies.name, correlation_id="rpc-1"),
             routing_key=work.name,
         )
-        reply = await replies.get(timeout=10, fail=True)
+        # basic.get does not wait: poll until the worker's reply is in (up to 10 s)
+        reply = None
+        for _ in range(200):
+            reply = await replies.get(timeout=10, fail=False)
+            if reply is not None:
+                break
+            await asyncio.sleep(0.05)
         assert reply is not None
         await reply.ack()
         watch()
